@@ -1,0 +1,3 @@
+"""fl-unlearn: patient-level unlearning for federated latent diffusion models of chest radiographs."""
+
+__version__ = "0.1.0"

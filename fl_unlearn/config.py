@@ -1,0 +1,165 @@
+"""One typed run configuration, read from Flower's run config (kebab-case keys) or a preset file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fl_unlearn.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = PROJECT_ROOT / "configs"
+
+PARTITION_STRATEGIES = ("iid", "label-skew", "size-skew")
+TEST_SPLITS = ("random", "source")
+LABEL_POLICIES = ("drop", "u-zeros", "u-ones")
+DATA_SOURCES = ("phantom", "mimic", "nih", "chexpert")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run. Field ``foo_bar`` is the run-config key ``foo-bar``."""
+
+    # run bookkeeping
+    run_name: str = "cpu"
+    output_dir: str = "runs"
+    seed: int = 0
+    num_hospitals: int = 3
+    wait_for_nodes_s: float = 120.0
+    # data
+    data_source: str = "phantom"
+    data_root: str = ""
+    cache_dir: str = ""
+    image_size: int = 64
+    label_policy: str = "drop"
+    missing_as_negative: bool = False
+    # partitions
+    partition_strategy: str = "iid"
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.3
+    test_split: str = "random"
+    hospital_patients: int = 0
+    # the embedded phantom cohort
+    phantom_patients: int = 300
+    phantom_prevalence: float = 0.4
+    phantom_max_images: int = 100
+    phantom_images_exponent: float = 2.0
+
+    def __post_init__(self) -> None:
+        self._check_choice("data-source", self.data_source, DATA_SOURCES)
+        self._check_choice("partition-strategy", self.partition_strategy, PARTITION_STRATEGIES)
+        self._check_choice("test-split", self.test_split, TEST_SPLITS)
+        self._check_choice("label-policy", self.label_policy, LABEL_POLICIES)
+        self._check_range("num-hospitals", self.num_hospitals, 1, None)
+        self._check_range("seed", self.seed, 0, None)
+        self._check_range("image-size", self.image_size, 16, 1024)
+        self._check_range("dirichlet-alpha", self.dirichlet_alpha, 1e-6, None)
+        self._check_range("test-fraction", self.test_fraction, 0.0, 0.9)
+        self._check_range("hospital-patients", self.hospital_patients, 0, None)
+        self._check_range("phantom-patients", self.phantom_patients, 1, None)
+        self._check_range("phantom-prevalence", self.phantom_prevalence, 0.0, 1.0)
+        self._check_range("phantom-max-images", self.phantom_max_images, 1, None)
+        self._check_range("phantom-images-exponent", self.phantom_images_exponent, 0.0, None)
+        self._check_range("wait-for-nodes-s", self.wait_for_nodes_s, 0.0, None)
+        if self.image_size % 8:
+            raise ConfigError(f"image-size = {self.image_size} must be a multiple of 8 (the autoencoder downsamples by powers of 2)")
+        if self.data_source != "phantom" and not self.data_root:
+            raise ConfigError(f"data-source = '{self.data_source}' needs data-root: the local folder that holds the dataset")
+        if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):
+            raise ConfigError(f"run-name = {self.run_name!r} must be a plain folder name")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's run config (kebab-case keys); unknown keys are an error."""
+        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key not in by_key:
+                raise ConfigError(f"unknown run-config key '{key}'; known keys: {sorted(by_key)}")
+            f = by_key[key]
+            kwargs[f.name] = _coerce(key, value, f.type)
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ derived paths
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.run_name
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser().resolve()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "fl-unlearn"
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not one of {list(choices)}")
+
+    @staticmethod
+    def _check_range(key: str, value: float, low: float | None, high: float | None) -> None:
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{low}, {'∞' if high is None else high}]"
+            raise ConfigError(f"{key} = {value} is outside {bounds}")
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    try:
+        if type_name == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError
+        if type_name == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} = {value!r} is not a valid {type_name}") from None
+
+
+def pyproject_defaults(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> dict[str, Any]:
+    """The defaults in ``[tool.flwr.app.config]`` (what plain ``flwr run .`` uses)."""
+    with open(pyproject, "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def load_preset(preset: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Fuse pyproject defaults, a preset (name in configs/ or a TOML path) and overrides, like ``flwr run``."""
+    merged = pyproject_defaults()
+    if preset:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset}.toml"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+            raise ConfigError(f"preset {str(preset)!r} not found (known presets: {known})")
+        with open(path, "rb") as fh:
+            layer = tomllib.load(fh)
+        unknown = sorted(set(layer) - set(merged))
+        if unknown:
+            raise ConfigError(f"preset {path.name} sets unknown key(s) {unknown}")
+        merged.update(layer)
+    merged.update(overrides or {})
+    return RunConfig.from_run_config(merged)

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Run the fl-unlearn Flower app offline and exit non-zero when the run fails.
+
+Plain ``flwr run`` exits 0 even when the run fails, reuses whatever background SuperLink is
+listening (with that process's environment), and leaves it running. This launcher starts its own
+simulation SuperLink with the offline settings, submits the app with ``flwr run``, waits for the
+final status, and stops the SuperLink it started (by process group) — and nothing else.
+
+    python scripts/run.py                        # cpu preset (= plain `flwr run .`)
+    python scripts/run.py --preset test
+    python scripts/run.py --preset paper --run-config "data-root='/data/mimic-cxr-jpg/2.1.0'"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # else each run tries to reinstall torch from the internet
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"flower-superlink exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"flower-superlink did not become ready on port {port} within {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=None, help="name in configs/ or a TOML path (default: pyproject defaults = cpu)")
+    parser.add_argument("--run-config", action="append", default=[], help="extra 'key=value ...' overrides, as for flwr run")
+    parser.add_argument("--output-dir", default=str(ROOT / "runs"), help="where runs/<run-name>/ is written")
+    parser.add_argument("--flwr-home", default=str(ROOT / ".flwr-home"), help="FLWR_HOME for this launcher")
+    parser.add_argument("--cpus-per-hospital", type=int, default=1)
+    parser.add_argument("--gpus-per-hospital", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    from flwr.common.config import parse_config_args
+
+    from fl_unlearn.config import PRESET_DIR, load_preset
+    from fl_unlearn.errors import FlUnlearnError
+
+    preset = args.preset
+    if preset and not Path(preset).suffix:
+        preset = str(PRESET_DIR / f"{preset}.toml")
+    output_dir = str(Path(args.output_dir).expanduser().resolve())
+    overrides = parse_config_args(args.run_config) if args.run_config else {}
+    overrides["output-dir"] = output_dir
+    try:
+        config = load_preset(preset, overrides)  # validate everything before anything starts
+    except FlUnlearnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(Path(args.flwr_home).resolve())}
+    # The flwr executables of this interpreter's environment, even when it is not activated.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    port = free_port()
+    connection = "fl-unlearn-local"
+    Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
+    (Path(env["FLWR_HOME"]) / "config.toml").write_text(
+        f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    federation = (f"num-supernodes={config.num_hospitals} client-resources-num-cpus={args.cpus_per_hospital} "
+                  f"client-resources-num-gpus={args.gpus_per_hospital}")
+    # flwr run refuses a TOML file next to key=value pairs, so the preset travels as pairs too.
+    pairs = {**preset_values(preset), **overrides}
+    cmd = ["flwr", "run", str(ROOT), connection, "--stream", "--federation-config", federation,
+           "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in pairs.items())]
+
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(config.run_dir / "superlink.log", "ab") as superlink_log:
+        superlink = subprocess.Popen(
+            ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"],  # no --database: state in memory
+            cwd=ROOT, env=env, stdout=superlink_log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            wait_healthy(port, superlink)
+            run_id = stream_run(cmd, env)
+            status = run_status(run_id, connection, env) if run_id else "not started"
+        finally:
+            stop(superlink)
+    print(f"[fl-unlearn] run {run_id} status: {status}", flush=True)
+    if status != "finished:completed":
+        return 1
+    print(f"[fl-unlearn] outputs: {config.run_dir}", flush=True)
+    return 0
+
+
+def stream_run(cmd: list[str], env: dict) -> str | None:
+    """Run ``flwr run --stream``, echo its log, and return the run id (None if it did not start)."""
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_id = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        match = re.search(r"Successfully started run (\d+)", line)
+        if match:
+            run_id = match.group(1)
+    proc.wait()
+    return run_id if proc.returncode == 0 else None
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a process we started, with its children (its own session), and nothing else."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def preset_values(preset: str | None) -> dict:
+    if not preset:
+        return {}
+    import tomllib
+
+    with open(preset, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def run_status(run_id: str, connection: str, env: dict) -> str:
+    """Final status from ``flwr list`` (``--stream`` ends when the run ends, but may race the state update)."""
+    for _ in range(30):
+        out = subprocess.run(check=False, args=["flwr", "list", "--run-id", run_id, connection, "--format", "json"],
+                             cwd=ROOT, env=env, capture_output=True, text=True)
+        try:
+            runs = json.loads(out.stdout).get("runs", [])
+            status = runs[0]["status"] if runs else "unknown"
+        except (json.JSONDecodeError, KeyError, IndexError):
+            status = "unknown"
+        if status.startswith("finished"):
+            return status
+        time.sleep(1.0)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

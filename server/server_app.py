@@ -1,0 +1,37 @@
+"""Flower ServerApp: the coordinator. Runs the phases in order and keeps the run directory."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fl_unlearn.config import RunConfig
+from fl_unlearn.runs import RunDirectory
+from server.federation import Federation
+from server.phases import PHASES
+
+log = logging.getLogger("fl_unlearn.server")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_run_config(context.run_config)
+    run = RunDirectory(config)
+    print(f"[fl-unlearn] run directory: {run.path}", flush=True)
+    federation = Federation(grid, config)
+    federation.wait_for_nodes()
+    for name, phase in PHASES:
+        started = run.start_phase(name)
+        try:
+            details = phase(federation, run) or {}
+        except Exception as exc:
+            run.fail_phase(name, f"{type(exc).__name__}: {exc}")
+            print(traceback.format_exc(), flush=True)
+            raise
+        run.finish_phase(name, started, **details)
+    run.finish()
+    print(f"[fl-unlearn] manifest: {run.manifest_path}", flush=True)

@@ -1,0 +1,74 @@
+"""ClientApp and ServerApp without Ray: the real dispatch, driven by an in-process grid."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.app import Context, Message, RecordDict
+
+from clients.client_app import app as client_app
+from clients.hospital import hospital_index
+from fl_unlearn.errors import ConfigError
+from server.server_app import app as server_app
+from tests.fake_grid import FakeGrid
+
+
+def test_describe_reports_counts_and_a_fingerprint_but_no_patient_ids(test_config):
+    from fl_unlearn.data.sources import load_federation
+
+    cohort, plan = load_federation(test_config)
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
+                  state=RecordDict(), run_config=test_config.to_run_config())
+    reply = client_app(Message(RecordDict(), 7, "query.describe"), ctx)
+
+    assert not reply.has_error()
+    counts, info = reply.content["counts"], reply.content["info"]
+    expected = plan.summary(cohort.table)["hospitals"][1]
+    assert int(counts["images"]) == expected["images"]
+    assert info["fingerprint"] == expected["fingerprint"]
+    sent = repr(dict(counts)) + repr(dict(info))
+    assert not any(pid in sent for pid in cohort.table["patient"].unique())
+
+
+def test_unknown_message_type_is_rejected(test_config):
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
+                  state=RecordDict(), run_config=test_config.to_run_config())
+    with pytest.raises(ValueError, match="No query function registered"):
+        client_app(Message(RecordDict(), 7, "query.nonsense"), ctx)
+
+
+def test_hospital_index_from_simulation_or_deployment_node_config():
+    assert hospital_index({"partition-id": 2, "num-partitions": 3}, 3) == 2
+    assert hospital_index({"hospital-id": 0}, 3) == 0
+    with pytest.raises(ConfigError, match="num-supernodes=3"):
+        hospital_index({"partition-id": 0, "num-partitions": 2}, 3)
+    with pytest.raises(ConfigError, match="neither 'hospital-id' nor 'partition-id'"):
+        hospital_index({}, 3)
+
+
+def test_server_runs_setup_and_writes_the_manifest(test_config):
+    run_config = test_config.to_run_config()
+    grid = FakeGrid(client_app, run_config, num_nodes=3)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+
+    manifest = json.loads((test_config.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["phases"]["setup"]["status"] == "completed"
+    assert [h["hospital"] for h in manifest["hospitals"]] == ["hospital-0", "hospital-1", "hospital-2"]
+    assert manifest["partition"]["disjoint"] is True
+    assert manifest["partition"]["test"]["patients"] > 0
+    assert {"torch", "flwr", "diffusers"} <= set(manifest["versions"])
+    assert manifest["run_config"]["num-hospitals"] == 3
+    assert {m.metadata.message_type for m in grid.sent} == {"query.describe"}
+
+
+def test_a_failing_hospital_fails_the_setup_phase_and_the_manifest_says_so(test_config, monkeypatch):
+    run_config = test_config.to_run_config()
+    grid = FakeGrid(client_app, run_config, num_nodes=3)
+    grid.contexts[grid.node_ids[2]].node_config["partition-id"] = 7  # a misconfigured SuperNode
+    with pytest.raises(RuntimeError, match="hospitals failed to describe their data"):
+        server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    manifest = json.loads((test_config.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert "hospitals failed" in manifest["phases"]["setup"]["error"]

@@ -1,0 +1,51 @@
+"""One small end-to-end `flwr run` (test preset) through the project's launcher: Ray, SuperLink and all."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _superlinks() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "flower-superlink" in " ".join(p.info["cmdline"] or [])}
+
+
+@pytest.mark.timeout(600)
+def test_flwr_run_test_preset_completes_and_writes_the_manifest(tmp_path):
+    before = _superlinks()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run.py"), "--preset", "test", "--output-dir", str(tmp_path / "runs"),
+         "--flwr-home", str(tmp_path / "flwr-home"), "--run-config", f"cache-dir='{tmp_path / 'cache'}'"],
+        check=False, capture_output=True, text=True, timeout=580, env={**os.environ},
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "status: finished:completed" in log
+
+    manifest = json.loads((tmp_path / "runs" / "test" / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert len(manifest["hospitals"]) == 3
+    assert manifest["partition"]["disjoint"] is True
+    assert manifest["partition"]["test"]["patients"] > 0
+    # the launcher stops the SuperLink it started, and only that one
+    assert _superlinks() == before
+
+
+def test_launcher_exits_non_zero_when_the_run_fails(tmp_path):
+    # num-hospitals larger than the cohort fails inside the ServerApp: flwr run itself would exit 0.
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run.py"), "--preset", "test", "--output-dir", str(tmp_path / "runs"),
+         "--flwr-home", str(tmp_path / "flwr-home"),
+         "--run-config", f"cache-dir='{tmp_path / 'cache'}' phantom-patients=2"],
+        check=False, capture_output=True, text=True, timeout=580,
+    )
+    assert out.returncode != 0
+    assert "finished:failed" in out.stdout + out.stderr
