@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.generative import TRAINERS, encode_cache
 from clients.hospital import Hospital
 from fl_unlearn.data.partition import describe_rows, patients_fingerprint
 
@@ -25,3 +26,25 @@ def describe(msg: Message, context: Context) -> Message:
          "fingerprint": patients_fingerprint(sorted(set(hospital.rows["patient"])))}
     )
     return Message(RecordDict({"counts": metrics, "info": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local round of the phase named in the config; replies with weights and example count."""
+    hospital = Hospital.from_context(context)
+    config = msg.content["config"]
+    phase = str(config["phase"])
+    if phase not in TRAINERS:
+        raise ValueError(f"unknown training phase {phase!r}; known: {sorted(TRAINERS)}")
+    state, metrics = TRAINERS[phase](hospital, msg.content["arrays"].to_torch_state_dict(), config)
+    return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+@app.query("encode")
+def encode(msg: Message, context: Context) -> Message:
+    """Cache this hospital's LDM latents locally; reply with per-channel moments (aggregates only)."""
+    hospital = Hospital.from_context(context)
+    count, moments = encode_cache(hospital, msg.content["arrays"].to_torch_state_dict())
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": count}),
+                               "moments": ConfigRecord(moments)}), reply_to=msg)

@@ -9,7 +9,7 @@ import pandas as pd
 from flwr.app import Context
 
 from fl_unlearn.config import RunConfig
-from fl_unlearn.data.partition import hospital_name
+from fl_unlearn.data.partition import HospitalSplit, hospital_name, split_hospital
 from fl_unlearn.data.sources import Cohort, load_federation
 from fl_unlearn.errors import ConfigError
 
@@ -33,6 +33,12 @@ class Hospital:
         path = self.config.run_dir / "hospitals" / self.name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    @property
+    def split(self) -> HospitalSplit:
+        return split_hospital(self.rows, seed=self.config.seed + self.index,
+                              holdout_fraction=self.config.hospital_holdout_fraction,
+                              ldm_patients=self.config.ldm_patients)
 
     @classmethod
     def from_context(cls, context: Context) -> Hospital:

@@ -49,6 +49,39 @@ class RunConfig:
     phantom_prevalence: float = 0.4
     phantom_max_images: int = 100
     phantom_images_exponent: float = 2.0
+    # inside each hospital: patients kept out of all training (re-ID validation, calibration), and
+    # how many of the rest the generative model is trained on (0 = all)
+    hospital_holdout_fraction: float = 0.3
+    ldm_patients: int = 16
+    # autoencoder
+    vae_channels: str = "32,64,64"
+    vae_latent_channels: int = 4
+    vae_rounds: int = 2
+    vae_local_steps: int = 50
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_ssim_weight: float = 0.0
+    # latent diffusion model
+    unet_channels: str = "64,128,128"
+    unet_layers_per_block: int = 1
+    unet_attention: bool = False
+    ldm_rounds: int = 5
+    ldm_local_steps: int = 100
+    ldm_batch_size: int = 64
+    ldm_lr: float = 5e-4
+    ldm_loss: str = "l2"
+    ldm_label_dropout: float = 0.2
+    ldm_ema: float = 0.0
+    bf16: bool = True
+    # the synthetic set
+    num_synthetic: int = 500
+    sample_steps: int = 25
+    sample_eta: float = 0.0
+    guidance_scale: float = 2.0
+    sample_batch_size: int = 100
+    # continue an interrupted run: the folder of that run (its manifest decides what is skipped)
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         self._check_choice("data-source", self.data_source, DATA_SOURCES)
@@ -66,6 +99,28 @@ class RunConfig:
         self._check_range("phantom-max-images", self.phantom_max_images, 1, None)
         self._check_range("phantom-images-exponent", self.phantom_images_exponent, 0.0, None)
         self._check_range("wait-for-nodes-s", self.wait_for_nodes_s, 0.0, None)
+        self._check_range("hospital-holdout-fraction", self.hospital_holdout_fraction, 0.0, 0.9)
+        self._check_range("ldm-patients", self.ldm_patients, 0, None)
+        for key in ("vae-rounds", "vae-local-steps", "ldm-rounds", "ldm-local-steps"):
+            self._check_range(key, getattr(self, key.replace("-", "_")), 0, None)
+        for key in ("vae-batch-size", "ldm-batch-size", "sample-batch-size", "vae-latent-channels",
+                    "unet-layers-per-block", "sample-steps"):
+            self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
+        for key in ("vae-lr", "ldm-lr"):
+            self._check_range(key, getattr(self, key.replace("-", "_")), 1e-12, 1.0)
+        self._check_range("ldm-label-dropout", self.ldm_label_dropout, 0.0, 1.0)
+        self._check_range("ldm-ema", self.ldm_ema, 0.0, 0.9999)
+        self._check_range("num-synthetic", self.num_synthetic, 0, None)
+        self._check_range("sample-eta", self.sample_eta, 0.0, 1.0)
+        self._check_range("guidance-scale", self.guidance_scale, 0.0, None)
+        self._check_choice("ldm-loss", self.ldm_loss, ("l1", "l2"))
+        vae_channels = self._channels("vae-channels", self.vae_channels)
+        self._channels("unet-channels", self.unet_channels)
+        if self.image_size % 2 ** (len(vae_channels) - 1):
+            raise ConfigError(
+                f"image-size = {self.image_size} cannot be downsampled {len(vae_channels) - 1} times by the "
+                f"autoencoder (vae-channels = '{self.vae_channels}'); use a multiple of {2 ** (len(vae_channels) - 1)}"
+            )
         if self.image_size % 8:
             raise ConfigError(f"image-size = {self.image_size} must be a multiple of 8 (the autoencoder downsamples by powers of 2)")
         if self.data_source != "phantom" and not self.data_root:
@@ -95,6 +150,9 @@ class RunConfig:
     # ------------------------------------------------------------------ derived paths
     @property
     def run_dir(self) -> Path:
+        """``<output-dir>/<run-name>``, or the folder given by ``resume-from``."""
+        if self.resume_from:
+            return Path(self.resume_from).expanduser().resolve()
         return Path(self.output_dir).expanduser().resolve() / self.run_name
 
     @property
@@ -104,7 +162,42 @@ class RunConfig:
         base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
         return Path(base) / "fl-unlearn"
 
+    # ------------------------------------------------------------------ model settings
+    @property
+    def vae(self):
+        from fl_unlearn.models.diffusion import VAEConfig
+
+        return VAEConfig(channels=self._channels("vae-channels", self.vae_channels),
+                         latent_channels=self.vae_latent_channels)
+
+    @property
+    def unet(self):
+        from fl_unlearn.models.diffusion import UNetConfig
+
+        return UNetConfig(channels=self._channels("unet-channels", self.unet_channels),
+                          layers_per_block=self.unet_layers_per_block, attention=self.unet_attention)
+
+    @property
+    def noise_schedule(self):
+        from fl_unlearn.models.diffusion import NoiseSchedule
+
+        return NoiseSchedule()
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self._channels("vae-channels", self.vae_channels)) - 1)
+
     # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _channels(key: str, value: str) -> tuple[int, ...]:
+        try:
+            channels = tuple(int(c) for c in value.split(","))
+        except ValueError:
+            channels = ()
+        if not channels or min(channels) < 1:
+            raise ConfigError(f"{key} = {value!r} must be comma-separated positive integers, e.g. '32,64,64'")
+        return channels
+
     @staticmethod
     def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         if value not in choices:

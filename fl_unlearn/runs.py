@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_unlearn.config import RunConfig
+from fl_unlearn.errors import ConfigError
 from fl_unlearn.io import write_json_atomic
 
 #: Libraries whose versions change numbers; recorded in every manifest and results file.
@@ -40,8 +41,12 @@ class RunDirectory:
         self.path = config.run_dir
         self.manifest_path = self.path / "manifest.json"
         self.path.mkdir(parents=True, exist_ok=True)
+        if config.resume_from and not self.manifest_path.is_file():
+            raise ConfigError(f"resume-from = {config.resume_from!r} holds no manifest.json: not a run folder")
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text())
+            if config.resume_from:
+                check_same_run(self.manifest.get("run_config", {}), config)
         else:
             self.manifest = {"run_name": config.run_name, "created": _now(), "phases": {}}
         self.manifest.update(
@@ -62,7 +67,10 @@ class RunDirectory:
         return self.manifest["phases"].get(phase, {}).get("status", "pending")
 
     def start_phase(self, phase: str) -> float:
-        self.manifest["phases"][phase] = {"status": "running", "started": _now()}
+        """Mark a phase running; an interrupted one keeps its completed rounds so it can resume."""
+        entry = self.manifest["phases"].get(phase, {})
+        kept = {k: entry[k] for k in ("round", "history") if k in entry}
+        self.manifest["phases"][phase] = {"status": "running", "started": _now(), **kept}
         self.save()
         return time.perf_counter()
 
@@ -83,3 +91,17 @@ class RunDirectory:
 
     def file(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)
+
+
+#: Keys that may differ between an interrupted run and its resumption.
+RESUMABLE_KEYS = frozenset({"resume-from", "output-dir", "run-name", "wait-for-nodes-s"})
+
+
+def check_same_run(stored: dict, config: RunConfig) -> None:
+    """Refuse to resume a run folder made with another configuration (its checkpoints would not fit)."""
+    current = config.to_run_config()
+    differ = sorted(k for k in set(stored) | set(current)
+                    if k not in RESUMABLE_KEYS and stored.get(k) != current.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now" for k in differ[:5])
+        raise ConfigError(f"resume-from = {config.resume_from!r} was made with another configuration ({detail})")

@@ -11,6 +11,7 @@ from rich.table import Table
 from fl_unlearn.data.partition import hospital_name
 from fl_unlearn.data.sources import load_federation
 from fl_unlearn.runs import RunDirectory
+from server import generative
 from server.federation import Federation
 
 console = Console(width=110, force_terminal=False)
@@ -62,4 +63,8 @@ def _print_partition(summary: dict, reports: list[dict]) -> None:
 
 PHASES: list[tuple[str, Callable[[Federation, RunDirectory], dict | None]]] = [
     ("setup", setup),
+    ("train-vae", generative.train_vae),
+    ("encode", generative.encode),
+    ("train-ldm", generative.train_ldm),
+    ("generate", generative.generate),
 ]

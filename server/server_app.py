@@ -25,6 +25,10 @@ def main(grid: Grid, context: Context) -> None:
     federation = Federation(grid, config)
     federation.wait_for_nodes()
     for name, phase in PHASES:
+        # setup always runs: it learns which node is which hospital. Completed phases are skipped on resume.
+        if name != "setup" and run.phase_status(name) == "completed":
+            print(f"[fl-unlearn] {name}: completed earlier, skipped", flush=True)
+            continue
         started = run.start_phase(name)
         try:
             details = phase(federation, run) or {}

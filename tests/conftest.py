@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fl_unlearn.config import load_preset
+
+# Test models are tiny: one thread is as fast, and immune to oversubscription when other jobs share the cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -176,3 +176,33 @@ def _make_partitioner(strategy: str, n: int, alpha: float, seed: int, n_patients
     if strategy == "size-skew":
         return ExponentialPartitioner(num_partitions=n)
     raise DataError(f"unknown partition-strategy {strategy!r}; expected iid, label-skew or size-skew")
+
+
+@dataclass(frozen=True)
+class HospitalSplit:
+    """A hospital's own patients, split locally: training (autoencoder, re-ID), the generative subset, and holdout."""
+
+    train: pd.DataFrame
+    ldm: pd.DataFrame
+    holdout: pd.DataFrame
+
+
+def split_hospital(rows: pd.DataFrame, *, seed: int, holdout_fraction: float, ldm_patients: int) -> HospitalSplit:
+    """Deterministic local split by patient.
+
+    ``holdout`` patients never train anything (they validate and calibrate the re-identification
+    networks, and are the unseen patients of the false-positive control). The LDM is trained on
+    ``ldm_patients`` of the remaining patients (0 = all of them): memorization is strong for small
+    cohorts, as at a small clinical site.
+    """
+    patients = np.array(sorted(rows["patient"].unique()))
+    order = np.random.default_rng([seed, 104729]).permutation(len(patients))
+    patients = patients[order]
+    n_holdout = round(holdout_fraction * len(patients))
+    if len(patients) - n_holdout < 1:
+        raise DataError(f"a hospital with {len(patients)} patient(s) keeps none for training at "
+                        f"hospital-holdout-fraction = {holdout_fraction}")
+    holdout, train = set(patients[:n_holdout]), patients[n_holdout:]
+    ldm = set(train[:ldm_patients]) if ldm_patients > 0 else set(train)
+    pick = lambda ids: rows[rows["patient"].isin(ids)].reset_index(drop=True)
+    return HospitalSplit(train=pick(set(train)), ldm=pick(ldm), holdout=pick(holdout))

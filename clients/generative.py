@@ -1,0 +1,69 @@
+"""A hospital's side of the generative phases: local autoencoder and LDM rounds, and its latent cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord
+
+from clients.hospital import Hospital
+from fl_unlearn.io import atomic_path
+from fl_unlearn.models.diffusion import build_unet, build_vae, train_scheduler
+from fl_unlearn.pipeline import LatentStats
+from fl_unlearn.training.common import derived_seed
+from fl_unlearn.training.ldm import LDMTrainConfig, train_ldm
+from fl_unlearn.training.vae import VAETrainConfig, encode_latents, train_vae
+
+State = dict[str, torch.Tensor]
+
+
+def vae_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[State, dict]:
+    """Local autoencoder steps on all of this hospital's training images (not the holdout patients)."""
+    cfg = hospital.config
+    vae = build_vae(cfg.vae, cfg.image_size)
+    vae.load_state_dict(state)
+    images = hospital.cohort.load_images(hospital.split.train)
+    stats = train_vae(vae, images, VAETrainConfig(
+        steps=cfg.vae_local_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, kl_weight=cfg.vae_kl_weight,
+        ssim_weight=cfg.vae_ssim_weight, bf16=cfg.bf16,
+        seed=derived_seed(cfg.seed, "vae", int(config["round"]), hospital.index)))
+    return vae.state_dict(), {"num-examples": len(images), "loss": stats["loss"], "rec": stats["rec"],
+                              "seconds": stats["seconds"]}
+
+
+def encode_cache(hospital: Hospital, vae_state: State) -> tuple[int, dict]:
+    """Encode the LDM images once with the global autoencoder into the hospital's own work directory."""
+    cfg = hospital.config
+    vae = build_vae(cfg.vae, cfg.image_size)
+    vae.load_state_dict(vae_state)
+    rows = hospital.split.ldm
+    latents = encode_latents(vae, hospital.cohort.load_images(rows))
+    with atomic_path(hospital.work_dir / "ldm_latents.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, latents=latents, labels=rows["label"].to_numpy())
+    return len(latents), LatentStats.moments(latents)
+
+
+def load_latent_cache(hospital: Hospital) -> tuple[np.ndarray, np.ndarray]:
+    path = hospital.work_dir / "ldm_latents.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{hospital.name} has no latent cache at {path}: the encode phase did not run here")
+    with np.load(path) as data:
+        return data["latents"], data["labels"]
+
+
+def ldm_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[State, dict]:
+    """Local ε-prediction steps on this hospital's cached, standardised latents."""
+    cfg = hospital.config
+    latents, labels = load_latent_cache(hospital)
+    stats = LatentStats(tuple(config["latent-mean"]), tuple(config["latent-std"]))
+    unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
+    unet.load_state_dict(state)
+    result = train_ldm(unet, train_scheduler(cfg.noise_schedule), stats.normalize(latents).numpy(), labels,
+                       LDMTrainConfig(steps=cfg.ldm_local_steps, batch_size=cfg.ldm_batch_size, lr=cfg.ldm_lr,
+                                      loss=cfg.ldm_loss, label_dropout=cfg.ldm_label_dropout, bf16=cfg.bf16,
+                                      seed=derived_seed(cfg.seed, "ldm", int(config["round"]), hospital.index)))
+    return unet.state_dict(), {"num-examples": len(latents), "loss": result["loss"], "seconds": result["seconds"]}
+
+
+TRAINERS = {"train-vae": vae_round, "train-ldm": ldm_round}
+

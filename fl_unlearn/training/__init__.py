@@ -1,0 +1,1 @@
+"""One local training loop per model, used by the hospitals and by centralized references."""

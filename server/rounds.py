@@ -1,0 +1,67 @@
+"""FedAvg rounds for any model: send the global weights, hospitals train locally, Flower's FedAvg averages.
+
+One loop serves every federated training phase (autoencoder, diffusion model, later re-identification
+and unlearning). After each round the global model is checkpointed and the round recorded in the
+manifest, so an interrupted phase resumes from its last completed round with the same result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fl_unlearn.checkpoint import load_checkpoint, save_checkpoint
+from fl_unlearn.runs import RunDirectory
+from server.federation import Federation
+
+
+def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, rounds: int,
+                  initial: dict[str, torch.Tensor], checkpoint: Path, config: dict,
+                  ema_decay: float = 0.0, on_round: Callable[[int, dict], None] | None = None) -> dict:
+    """Run ``rounds`` FedAvg rounds of message ``train`` with ``config['phase'] = phase``.
+
+    Returns the final global state (``"global"``), the server-side EMA when ``ema_decay`` > 0
+    (``"ema"``), and per-round hospital metrics (``"history"``).
+    """
+    start_round, state, ema = 1, initial, None
+    done = run.manifest["phases"].get(phase, {}).get("round", 0)
+    if done and checkpoint.is_file():  # resume: continue after the last completed round
+        state, meta = load_checkpoint(checkpoint)
+        if ema_decay > 0 and checkpoint.with_name(checkpoint.stem + "-ema.safetensors").is_file():
+            ema, _ = load_checkpoint(checkpoint.with_name(checkpoint.stem + "-ema.safetensors"))
+        start_round = int(meta["round"]) + 1
+        print(f"[fl-unlearn] {phase}: resuming after round {meta['round']}", flush=True)
+    strategy = FedAvg(min_available_nodes=1, min_train_nodes=1)
+    history = list(run.manifest["phases"].get(phase, {}).get("history", []))
+    for rnd in range(start_round, rounds + 1):
+        t0 = time.perf_counter()
+        content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state),
+                              "config": ConfigRecord({"phase": phase, "round": rnd, **config})})
+        replies = federation.send_to_hospitals("train", content, group_id=f"{phase}-{rnd}")
+        if replies.errors or replies.missing or not replies.ok:
+            raise RuntimeError(f"{phase} round {rnd}: hospitals failed: errors={replies.errors} "
+                               f"missing={replies.missing}")
+        arrays, _ = strategy.aggregate_train(rnd, list(replies.ok.values()))
+        state = arrays.to_torch_state_dict()
+        if ema_decay > 0:
+            ema = state if ema is None else {k: ema_decay * ema[k] + (1 - ema_decay) * v for k, v in state.items()}
+        per_hospital = {f"hospital-{h}": {k: float(v) for k, v in m.content["metrics"].items()}
+                        for h, m in sorted(replies.ok.items())}
+        record = {"round": rnd, "seconds": round(time.perf_counter() - t0, 2), "hospitals": per_hospital}
+        history.append(record)
+        save_checkpoint(checkpoint, state, {"phase": phase, "round": rnd})
+        if ema is not None:
+            save_checkpoint(checkpoint.with_name(checkpoint.stem + "-ema.safetensors"), ema,
+                            {"phase": phase, "round": rnd, "ema_decay": ema_decay})
+        run.manifest["phases"][phase].update(round=rnd, history=history)
+        run.save()
+        losses = ", ".join(f"{h} {m['loss']:.4f} ({m['seconds']:.1f} s)" for h, m in per_hospital.items())
+        print(f"[fl-unlearn] {phase} round {rnd}/{rounds}: {losses}; round {record['seconds']:.1f} s", flush=True)
+        if on_round:
+            on_round(rnd, state)
+    return {"global": state, "ema": ema, "history": history}
