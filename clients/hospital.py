@@ -9,8 +9,8 @@ import pandas as pd
 from flwr.app import Context
 
 from fl_unlearn.config import RunConfig
-from fl_unlearn.data.partition import HospitalSplit, hospital_name, split_hospital
-from fl_unlearn.data.sources import Cohort, load_federation
+from fl_unlearn.data.partition import HospitalSplit, hospital_name
+from fl_unlearn.data.sources import Cohort, hospital_split, load_federation
 from fl_unlearn.errors import ConfigError
 
 
@@ -36,9 +36,7 @@ class Hospital:
 
     @property
     def split(self) -> HospitalSplit:
-        return split_hospital(self.rows, seed=self.config.seed + self.index,
-                              holdout_fraction=self.config.hospital_holdout_fraction,
-                              ldm_patients=self.config.ldm_patients)
+        return hospital_split(self.config, self.rows, self.index)
 
     @classmethod
     def from_context(cls, context: Context) -> Hospital:

@@ -54,14 +54,14 @@ class RunConfig:
     hospital_holdout_fraction: float = 0.3
     ldm_patients: int = 16
     # autoencoder
-    vae_channels: str = "32,64,64"
-    vae_latent_channels: int = 4
-    vae_rounds: int = 2
-    vae_local_steps: int = 50
+    vae_channels: str = "16,32,64"
+    vae_latent_channels: int = 8
+    vae_rounds: int = 4
+    vae_local_steps: int = 100
     vae_batch_size: int = 32
-    vae_lr: float = 1e-3
+    vae_lr: float = 3e-3
     vae_kl_weight: float = 1e-6
-    vae_ssim_weight: float = 0.0
+    vae_ssim_weight: float = 0.5
     # latent diffusion model
     unet_channels: str = "64,128,128"
     unet_layers_per_block: int = 1
@@ -77,7 +77,7 @@ class RunConfig:
     # the synthetic set
     num_synthetic: int = 500
     sample_steps: int = 25
-    sample_eta: float = 0.0
+    sample_eta: float = 1.0  # Medfusion's default; η = 0 (deterministic DDIM) diverged on the cpu preset
     guidance_scale: float = 2.0
     sample_batch_size: int = 100
     # continue an interrupted run: the folder of that run (its manifest decides what is skipped)

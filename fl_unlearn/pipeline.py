@@ -48,7 +48,7 @@ class LatentStats:
 @dataclass(frozen=True)
 class SamplerConfig:
     steps: int = 25
-    eta: float = 0.0
+    eta: float = 1.0
     guidance_scale: float = 2.0
     batch_size: int = 100
 

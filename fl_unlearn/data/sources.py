@@ -11,7 +11,7 @@ import pandas as pd
 
 from fl_unlearn.config import RunConfig
 from fl_unlearn.data.cohort import SOURCES
-from fl_unlearn.data.partition import PartitionPlan, plan_partitions
+from fl_unlearn.data.partition import HospitalSplit, PartitionPlan, plan_partitions, split_hospital
 from fl_unlearn.errors import DataError
 
 
@@ -99,3 +99,9 @@ def load_federation(config: RunConfig) -> tuple[Cohort, PartitionPlan]:
     """Cohort and partition plan, memoized per process: simulated hospitals share a Ray worker."""
     cohort = load_cohort(config)
     return cohort, plan_for(config, cohort)
+
+
+def hospital_split(config: RunConfig, rows: pd.DataFrame, index: int) -> HospitalSplit:
+    """The local split a hospital makes of its own rows (training / LDM subset / holdout)."""
+    return split_hospital(rows, seed=config.seed + index, holdout_fraction=config.hospital_holdout_fraction,
+                          ldm_patients=config.ldm_patients)

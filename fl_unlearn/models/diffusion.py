@@ -14,8 +14,8 @@ NULL_CLASS = 2
 class VAEConfig:
     """AutoencoderKL for 1-channel radiographs; ``len(channels) - 1`` halvings of the image size."""
 
-    channels: tuple[int, ...] = (32, 64, 64)
-    latent_channels: int = 4
+    channels: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 8
     layers_per_block: int = 1
     norm_groups: int = 8
     mid_attention: bool = False

@@ -1,0 +1,1 @@
+"""Central evaluation: utility AUC, image quality, report tables."""

@@ -1,0 +1,1 @@
+"""Privacy measures: re-identification audit, forget/remain sets, anonymization metrics, memorization."""
