@@ -47,20 +47,21 @@ def test_hospital_index_from_simulation_or_deployment_node_config():
         hospital_index({}, 3)
 
 
-def test_server_runs_setup_and_writes_the_manifest(test_config):
+def test_server_runs_the_phases_and_writes_the_manifest(test_config):
     run_config = test_config.to_run_config()
     grid = FakeGrid(client_app, run_config, num_nodes=3)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
 
     manifest = json.loads((test_config.run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed"
-    assert manifest["phases"]["setup"]["status"] == "completed"
+    assert all(p["status"] == "completed" for p in manifest["phases"].values())
     assert [h["hospital"] for h in manifest["hospitals"]] == ["hospital-0", "hospital-1", "hospital-2"]
     assert manifest["partition"]["disjoint"] is True
     assert manifest["partition"]["test"]["patients"] > 0
     assert {"torch", "flwr", "diffusers"} <= set(manifest["versions"])
     assert manifest["run_config"]["num-hospitals"] == 3
-    assert {m.metadata.message_type for m in grid.sent} == {"query.describe"}
+    assert grid.sent[0].metadata.message_type == "query.describe"
+    assert {m.metadata.message_type for m in grid.sent} == {"query.describe", "train", "query.encode"}
 
 
 def test_a_failing_hospital_fails_the_setup_phase_and_the_manifest_says_so(test_config, monkeypatch):

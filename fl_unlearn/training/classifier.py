@@ -35,7 +35,7 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, c
     """Class-balanced BCE (pos_weight) on uint8 images [N,H,W] with labels {0, 1}."""
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    x_all, y_all = to_tensor(images), torch.as_tensor(labels).float()
+    x_all, y_all = to_tensor(images), torch.tensor(np.asarray(labels, dtype=np.float32))
     pos = float(y_all.mean())
     pos_weight = torch.tensor((1 - pos) / max(pos, 1e-6))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
