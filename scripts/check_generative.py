@@ -28,17 +28,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fl_unlearn.checkpoint import load_checkpoint  # noqa: E402
-from fl_unlearn.config import RunConfig  # noqa: E402
-from fl_unlearn.data.inspect import save_png  # noqa: E402
-from fl_unlearn.data.sources import hospital_split, load_federation  # noqa: E402
-from fl_unlearn.evaluation.metrics import auc_with_ci  # noqa: E402
-from fl_unlearn.io import write_json_atomic  # noqa: E402
-from fl_unlearn.models.classifier import build_classifier  # noqa: E402
-from fl_unlearn.models.diffusion import build_vae  # noqa: E402
-from fl_unlearn.privacy.memorization import nearest_neighbour_ratio  # noqa: E402
-from fl_unlearn.training.classifier import ClassifierTrainConfig, predict, train_classifier  # noqa: E402
-from fl_unlearn.training.vae import reconstruct  # noqa: E402
+from fl_unlearn.checkpoint import load_checkpoint
+from fl_unlearn.config import RunConfig
+from fl_unlearn.data.inspect import save_png
+from fl_unlearn.data.sources import hospital_split, load_federation
+from fl_unlearn.evaluation.metrics import auc_with_ci
+from fl_unlearn.io import write_json_atomic
+from fl_unlearn.models.classifier import build_classifier
+from fl_unlearn.models.diffusion import build_vae
+from fl_unlearn.privacy.memorization import nearest_neighbour_ratio
+from fl_unlearn.training.classifier import ClassifierTrainConfig, predict, train_classifier
+from fl_unlearn.training.vae import reconstruct
 
 
 def main() -> None:
@@ -92,7 +92,7 @@ def main() -> None:
     matched = ldm_rows["patient"].to_numpy()[mem["nearest"][mem["flagged"]]]
     report["pixel_memorization"] = {"flagged_images": int(mem["flagged"].sum()),
                                     "share": round(float(mem["flagged"].mean()), 4),
-                                    "distinct_patients": int(len(set(matched))),
+                                    "distinct_patients": len(set(matched)),
                                     "median_ratio": round(float(np.median(mem["ratio"])), 3)}
     write_json_atomic(out / "generative_checks.json", report)
     print(json.dumps(report, indent=2))
@@ -115,7 +115,7 @@ def identity_through_vae(config: RunConfig, train_images, train_patients, held, 
     different = verify(net, recon[keep], held[other][keep])
     labels = np.r_[np.ones(len(same)), np.zeros(len(different))]
     return {"vae_identity_auc": auc_with_ci(labels, np.r_[same, different]),
-            "vae_identity_pairs": {"same": int(len(same)), "different": int(len(different))}}
+            "vae_identity_pairs": {"same": len(same), "different": len(different)}}
 
 
 if __name__ == "__main__":

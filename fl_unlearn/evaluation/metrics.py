@@ -18,4 +18,4 @@ def auc_with_ci(labels: np.ndarray, scores: np.ndarray, *, bootstraps: int = 100
             continue
         samples.append(roc_auc_score(labels[idx], scores[idx]))
     low, high = (np.percentile(samples, [2.5, 97.5]) if samples else (float("nan"), float("nan")))
-    return {"auc": auc, "ci_low": float(low), "ci_high": float(high), "n": int(len(labels))}
+    return {"auc": auc, "ci_low": float(low), "ci_high": float(high), "n": len(labels)}
