@@ -28,11 +28,10 @@ def train_vae(federation: Federation, run: RunDirectory) -> dict:
     cfg = run.config
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg.vae, cfg.image_size)
-    result = fedavg_rounds(federation, run, phase="train-vae", rounds=cfg.vae_rounds, initial=_init_state(vae),
-                           checkpoint=run.file("checkpoints", "vae.safetensors"), config={})
-    save_checkpoint(run.file("checkpoints", "vae.safetensors"), result["global"],
-                    {"phase": "train-vae", "round": cfg.vae_rounds, "vae": cfg.vae_channels,
-                     "latent_channels": cfg.vae_latent_channels, "image_size": cfg.image_size})
+    fedavg_rounds(federation, run, phase="train-vae", rounds=cfg.vae_rounds, initial=_init_state(vae),
+                  checkpoint=run.file("checkpoints", "vae.safetensors"), config={},
+                  meta={"vae": cfg.vae_channels, "latent_channels": cfg.vae_latent_channels,
+                        "image_size": cfg.image_size})
     return {"rounds": cfg.vae_rounds}
 
 

@@ -22,7 +22,8 @@ from server.federation import Federation
 
 def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, rounds: int,
                   initial: dict[str, torch.Tensor], checkpoint: Path, config: dict,
-                  ema_decay: float = 0.0, on_round: Callable[[int, dict], None] | None = None) -> dict:
+                  ema_decay: float = 0.0, meta: dict | None = None,
+                  on_round: Callable[[int, dict], None] | None = None) -> dict:
     """Run ``rounds`` FedAvg rounds of message ``train`` with ``config['phase'] = phase``.
 
     Returns the final global state (``"global"``), the server-side EMA when ``ema_decay`` > 0
@@ -54,7 +55,7 @@ def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, roun
                         for h, m in sorted(replies.ok.items())}
         record = {"round": rnd, "seconds": round(time.perf_counter() - t0, 2), "hospitals": per_hospital}
         history.append(record)
-        save_checkpoint(checkpoint, state, {"phase": phase, "round": rnd})
+        save_checkpoint(checkpoint, state, {"phase": phase, "round": rnd, **(meta or {})})
         if ema is not None:
             save_checkpoint(checkpoint.with_name(checkpoint.stem + "-ema.safetensors"), ema,
                             {"phase": phase, "round": rnd, "ema_decay": ema_decay})

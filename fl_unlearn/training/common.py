@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -54,6 +55,4 @@ def derived_seed(*parts: int | str) -> int:
 
 def hash_text(text: str) -> int:
     # Python's hash() is salted per process; this one is stable across processes and machines.
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
