@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.generative import TRAINERS, encode_cache
+from clients import reid
+from clients.audit import audit_synthetic
+from clients.generative import encode_cache, ldm_round, vae_round
 from clients.hospital import Hospital
 from fl_unlearn.data.partition import describe_rows, patients_fingerprint
 
 app = ClientApp()
+
+#: Local training round of each federated phase: (hospital, global state, config) → (local state, metrics).
+TRAINERS = {"train-vae": vae_round, "train-ldm": ldm_round, "train-reid": reid.reid_round}
 
 
 @app.query("describe")
@@ -48,3 +53,30 @@ def encode(msg: Message, context: Context) -> Message:
     count, moments = encode_cache(hospital, msg.content["arrays"].to_torch_state_dict())
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": count}),
                                "moments": ConfigRecord(moments)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Keep the final re-identification networks (global, or trained here when local-only) and measure them."""
+    hospital = Hospital.from_context(context)
+    config = msg.content["config"]
+    if str(config["phase"]) != "train-reid":
+        raise ValueError(f"nothing to evaluate in phase {config['phase']!r}")
+    state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content.array_records else None
+    metrics = reid.keep_and_evaluate(hospital, state)
+    return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": metrics["holdout-images"]})}),
+                   reply_to=msg)
+
+
+@app.query("audit")
+def audit(msg: Message, context: Context) -> Message:
+    """Audit the server's synthetic images against this hospital's patients; reply scores, flags, salted tokens."""
+    hospital = Hospital.from_context(context)
+    images = msg.content["synthetic"]["images"].numpy()
+    set_name = str(msg.content["config"]["set"])
+    arrays, tokens, forget_tokens, metrics = audit_synthetic(hospital, images, set_name)
+    return Message(RecordDict({
+        "results": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "tokens": ConfigRecord({"matched": tokens, "forget": forget_tokens}),
+        "metrics": MetricRecord(metrics),
+    }), reply_to=msg)

@@ -7,6 +7,7 @@ import torch
 from flwr.app import ConfigRecord
 
 from clients.hospital import Hospital
+from fl_unlearn.checkpoint import load_checkpoint, save_checkpoint
 from fl_unlearn.io import atomic_path
 from fl_unlearn.models.diffusion import build_unet, build_vae, train_scheduler
 from fl_unlearn.pipeline import LatentStats
@@ -38,9 +39,21 @@ def encode_cache(hospital: Hospital, vae_state: State) -> tuple[int, dict]:
     vae.load_state_dict(vae_state)
     rows = hospital.split.ldm
     latents = encode_latents(vae, hospital.cohort.load_images(rows))
+    # Kept locally: re-identification training and the audit's false-positive control decode with it.
+    save_checkpoint(hospital.work_dir / "vae.safetensors", vae_state, {"source": "global autoencoder"})
     with atomic_path(hospital.work_dir / "ldm_latents.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, latents=latents, labels=rows["label"].to_numpy())
     return len(latents), LatentStats.moments(latents)
+
+
+def local_vae(hospital: Hospital):
+    """The global autoencoder as this hospital received it in the encode phase."""
+    path = hospital.work_dir / "vae.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{hospital.name} has no autoencoder at {path}: the encode phase did not run here")
+    vae = build_vae(hospital.config.vae, hospital.config.image_size)
+    vae.load_state_dict(load_checkpoint(path)[0])
+    return vae.eval()
 
 
 def load_latent_cache(hospital: Hospital) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +76,3 @@ def ldm_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[S
                                       loss=cfg.ldm_loss, label_dropout=cfg.ldm_label_dropout, bf16=cfg.bf16,
                                       seed=derived_seed(cfg.seed, "ldm", int(config["round"]), hospital.index)))
     return unet.state_dict(), {"num-examples": len(latents), "loss": result["loss"], "seconds": result["seconds"]}
-
-
-TRAINERS = {"train-vae": vae_round, "train-ldm": ldm_round}
-

@@ -57,8 +57,8 @@ class RunConfig:
     vae_channels: str = "16,32,64"
     vae_latent_channels: int = 8
     vae_rounds: int = 4
-    vae_local_steps: int = 100
-    vae_batch_size: int = 32
+    vae_local_steps: int = 250
+    vae_batch_size: int = 16
     vae_lr: float = 3e-3
     vae_kl_weight: float = 1e-6
     vae_ssim_weight: float = 0.5
@@ -80,6 +80,18 @@ class RunConfig:
     sample_eta: float = 1.0  # Medfusion's default; η = 0 (deterministic DDIM) diverged on the cpu preset
     guidance_scale: float = 2.0
     sample_batch_size: int = 100
+    # patient re-identification networks (retrieval + verification), trained on each hospital's real images
+    reid_backbone: str = "small-cnn"
+    reid_federated: bool = True  # FedAvg rounds; false = each hospital trains and keeps its own networks
+    reid_rounds: int = 3
+    reid_local_steps: int = 100
+    reid_batch_size: int = 64
+    reid_lr: float = 1e-3
+    # the audit of synthetic images at each hospital
+    audit_threshold: float = 0.5  # the paper's operating point
+    audit_top_k: int = 3
+    audit_target_fpr: float = 0.0  # > 0: calibrate the threshold on unseen patients' autoencoded images instead
+    deletion_requests: str = ""  # CSV (patient[, hospital]) of patients who asked to be forgotten
     # continue an interrupted run: the folder of that run (its manifest decides what is skipped)
     resume_from: str = ""
 
@@ -114,6 +126,14 @@ class RunConfig:
         self._check_range("sample-eta", self.sample_eta, 0.0, 1.0)
         self._check_range("guidance-scale", self.guidance_scale, 0.0, None)
         self._check_choice("ldm-loss", self.ldm_loss, ("l1", "l2"))
+        self._check_choice("reid-backbone", self.reid_backbone, ("small-cnn", "resnet18", "resnet50"))
+        self._check_range("reid-rounds", self.reid_rounds, 1, None)
+        self._check_range("reid-local-steps", self.reid_local_steps, 1, None)
+        self._check_range("reid-batch-size", self.reid_batch_size, 4, None)
+        self._check_range("reid-lr", self.reid_lr, 1e-12, 1.0)
+        self._check_range("audit-threshold", self.audit_threshold, 1e-6, 1.0)
+        self._check_range("audit-top-k", self.audit_top_k, 1, None)
+        self._check_range("audit-target-fpr", self.audit_target_fpr, 0.0, 0.5)
         vae_channels = self._channels("vae-channels", self.vae_channels)
         self._channels("unet-channels", self.unet_channels)
         if self.image_size % 2 ** (len(vae_channels) - 1):
@@ -176,6 +196,18 @@ class RunConfig:
 
         return UNetConfig(channels=self._channels("unet-channels", self.unet_channels),
                           layers_per_block=self.unet_layers_per_block, attention=self.unet_attention)
+
+    @property
+    def reid(self):
+        from fl_unlearn.models.reid import ReIDConfig
+
+        return ReIDConfig(backbone=self.reid_backbone, input_size=min(self.image_size, 256))
+
+    @property
+    def audit(self):
+        from fl_unlearn.privacy.audit import AuditConfig
+
+        return AuditConfig(threshold=self.audit_threshold, top_k=self.audit_top_k, target_fpr=self.audit_target_fpr)
 
     @property
     def noise_schedule(self):

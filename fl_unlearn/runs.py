@@ -67,9 +67,13 @@ class RunDirectory:
         return self.manifest["phases"].get(phase, {}).get("status", "pending")
 
     def start_phase(self, phase: str) -> float:
-        """Mark a phase running; an interrupted one keeps its completed rounds so it can resume."""
+        """Mark a phase running; an interrupted one keeps its completed rounds so it can resume.
+
+        A phase that had completed starts from scratch (an earlier phase it depends on ran again).
+        """
         entry = self.manifest["phases"].get(phase, {})
-        kept = {k: entry[k] for k in ("round", "history") if k in entry}
+        interrupted = entry.get("status") in ("running", "failed")
+        kept = {k: entry[k] for k in ("round", "history") if k in entry and interrupted}
         self.manifest["phases"][phase] = {"status": "running", "started": _now(), **kept}
         self.save()
         return time.perf_counter()

@@ -11,7 +11,7 @@ from rich.table import Table
 from fl_unlearn.data.partition import hospital_name
 from fl_unlearn.data.sources import load_federation
 from fl_unlearn.runs import RunDirectory
-from server import generative
+from server import generative, privacy
 from server.federation import Federation
 
 console = Console(width=110, force_terminal=False)
@@ -66,5 +66,7 @@ PHASES: list[tuple[str, Callable[[Federation, RunDirectory], dict | None]]] = [
     ("train-vae", generative.train_vae),
     ("encode", generative.encode),
     ("train-ldm", generative.train_ldm),
+    ("train-reid", privacy.train_reid),
     ("generate", generative.generate),
+    ("audit", privacy.audit),
 ]

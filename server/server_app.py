@@ -24,9 +24,11 @@ def main(grid: Grid, context: Context) -> None:
     print(f"[fl-unlearn] run directory: {run.path}", flush=True)
     federation = Federation(grid, config)
     federation.wait_for_nodes()
+    rerun = False
     for name, phase in PHASES:
-        # setup always runs: it learns which node is which hospital. Completed phases are skipped on resume.
-        if name != "setup" and run.phase_status(name) == "completed":
+        # setup always runs: it learns which node is which hospital. Completed phases are skipped on resume,
+        # until one phase runs again: every phase after it consumes its output, so they run again too.
+        if name != "setup" and not rerun and run.phase_status(name) == "completed":
             print(f"[fl-unlearn] {name}: completed earlier, skipped", flush=True)
             continue
         started = run.start_phase(name)
@@ -37,5 +39,6 @@ def main(grid: Grid, context: Context) -> None:
             print(traceback.format_exc(), flush=True)
             raise
         run.finish_phase(name, started, **details)
+        rerun = rerun or name != "setup"
     run.finish()
     print(f"[fl-unlearn] manifest: {run.manifest_path}", flush=True)

@@ -9,6 +9,7 @@ from flwr.app import Context, Message, RecordDict
 
 from clients.client_app import app as client_app
 from clients.hospital import hospital_index
+from fl_unlearn.data.sources import load_federation
 from fl_unlearn.errors import ConfigError
 from server.server_app import app as server_app
 from tests.fake_grid import FakeGrid
@@ -47,10 +48,45 @@ def test_hospital_index_from_simulation_or_deployment_node_config():
         hospital_index({}, 3)
 
 
-def test_server_runs_the_phases_and_writes_the_manifest(test_config):
+def _leaks(msg: Message, size: int, patient_ids: set[str], run_dir: str) -> list[str]:
+    """What in a hospital's reply would break the privacy rules: image-shaped arrays, raw ids, paths."""
+    found = []
+    content = msg.content
+    for name, record in content.array_records.items():
+        for key, array in record.items():
+            if len(array.shape) >= 2 and tuple(array.shape[-2:]) == (size, size):
+                found.append(f"{name}.{key}: image-shaped array {array.shape}")
+    strings = []
+    for name, record in content.config_records.items():
+        for key, value in record.items():
+            strings.append(key)
+            strings.extend(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str))
+    for record in content.metric_records.values():
+        strings.extend(record.keys())
+    for text in strings:
+        if text in patient_ids or any(p in text for p in patient_ids):
+            found.append(f"raw patient id in {text!r}")
+        if run_dir in text or text.startswith("/"):
+            found.append(f"file path {text!r}")
+    return found
+
+
+def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(test_config):
     run_config = test_config.to_run_config()
-    grid = FakeGrid(client_app, run_config, num_nodes=3)
+    cohort, _ = load_federation(test_config)
+    patient_ids = set(cohort.table["patient"].astype(str))
+    replies: list[Message] = []
+    grid = FakeGrid(client_app, run_config, num_nodes=3,
+                    intercept=lambda direction, msg: replies.append(msg) if direction == "client->server" else None)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+
+    # privacy: every reply of every phase (train-reid and audit included) checked
+    types = {m.metadata.message_type for m in replies}
+    assert {"train", "evaluate", "query.audit"} <= types
+    leaks = [leak for m in replies for leak in _leaks(m, test_config.image_size, patient_ids, str(test_config.run_dir))]
+    assert not leaks, leaks
+    audit_replies = [m for m in replies if m.metadata.message_type == "query.audit"]
+    assert all(len(m.content["results"]["scores"].numpy()) == test_config.num_synthetic for m in audit_replies)
 
     manifest = json.loads((test_config.run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed"
@@ -61,7 +97,15 @@ def test_server_runs_the_phases_and_writes_the_manifest(test_config):
     assert {"torch", "flwr", "diffusers"} <= set(manifest["versions"])
     assert manifest["run_config"]["num-hospitals"] == 3
     assert grid.sent[0].metadata.message_type == "query.describe"
-    assert {m.metadata.message_type for m in grid.sent} == {"query.describe", "train", "query.encode"}
+    assert {m.metadata.message_type for m in grid.sent} == {"query.describe", "train", "query.encode", "evaluate",
+                                                             "query.audit"}
+    audit = json.loads((test_config.run_dir / "audit" / "original.json").read_text())
+    assert audit["images"] == test_config.num_synthetic
+    assert manifest["phases"]["audit"]["non_anon"] == audit["overall"]["non_anon"]
+    assert set(manifest["reid"]["hospitals"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    # what each hospital keeps to itself
+    work = test_config.run_dir / "hospitals" / "hospital-0"
+    assert {"forget.csv", "remain.csv", "token-secret.bin", "reid.safetensors"} <= {p.name for p in work.iterdir()}
 
 
 def test_a_failing_hospital_fails_the_setup_phase_and_the_manifest_says_so(test_config, monkeypatch):
@@ -73,3 +117,16 @@ def test_a_failing_hospital_fails_the_setup_phase_and_the_manifest_says_so(test_
     manifest = json.loads((test_config.run_dir / "manifest.json").read_text())
     assert manifest["status"] == "failed"
     assert "hospitals failed" in manifest["phases"]["setup"]["error"]
+
+
+def test_the_leak_check_catches_pixels_ids_and_paths():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    bad = Message(RecordDict({"a": ArrayRecord({"x": Array(np.zeros((2, 32, 32), np.uint8))}),
+                              "c": ConfigRecord({"who": "P00003", "where": "/data/x.png"})}),
+                  dst_node_id=1, message_type="query.audit")
+
+    leaks = _leaks(bad, 32, {"P00003"}, "/runs/x")
+
+    assert len(leaks) == 3

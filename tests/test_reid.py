@@ -9,6 +9,7 @@ import torch
 from fl_unlearn.data.phantom import PhantomConfig, load_phantom
 from fl_unlearn.errors import ConfigError, DataError
 from fl_unlearn.models.reid import ReIDConfig, RetrievalNet, VerificationNet, build_backbone, to_input
+from fl_unlearn.privacy.audit import AuditConfig, audit, false_positive_control
 from fl_unlearn.training.reid import (
     blur_noise,
     calibrate_threshold,
@@ -206,11 +207,9 @@ def test_retrieval_finds_held_out_patients(cohort, trained):
 
 
 def _audit(trained: dict, cohort: dict, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The flagging pipeline: nearest training image by retrieval, then its verification score."""
-    references = cohort["pixels"][trained["train"]]
-    distance = torch.cdist(torch.from_numpy(embed(trained["retrieval"], queries)), torch.from_numpy(embed(trained["retrieval"], references)))
-    nearest = distance.argmin(dim=1).numpy()
-    return nearest, verify(trained["verification"], queries, references[nearest])
+    """The flagging pipeline against the training patients: rank-1 reference index and its score."""
+    result = audit(trained["retrieval"], trained["verification"], queries, cohort["pixels"][trained["train"]])
+    return result.rank1, result.scores
 
 
 def _blurred(pixels: np.ndarray, seed: int) -> np.ndarray:
@@ -236,6 +235,51 @@ def test_blurred_copies_of_training_images_are_flagged(cohort, trained):
     train_patients = cohort["patient"][trained["train"]]
     assert (train_patients[nearest] == cohort["patient"][rows]).mean() >= 0.9
     assert (scores >= 0.5).mean() >= 0.9
+
+
+def test_planted_copies_are_found_and_fresh_patients_are_not(cohort, trained):
+    """A synthetic set of exact and lightly perturbed copies of known patients' training images mixed
+    with fresh images of unseen patients: the planted patients are found, the fresh images are not flagged."""
+    train_rows = np.flatnonzero(trained["train"])
+    train_patients = cohort["patient"][train_rows]
+    planted_patients = np.unique(train_patients)[::2][:40]
+    first_image = {p: train_rows[np.flatnonzero(train_patients == p)[0]] for p in planted_patients}
+    rows = np.array([first_image[p] for p in planted_patients])
+    exact = cohort["pixels"][rows[:20]]
+    perturbed = _blurred(cohort["pixels"][rows[20:]], seed=3)  # blur σ ≤ 2 px, noise ≤ 3%
+    fresh = cohort["pixels"][~trained["train"]]
+    synthetic = np.concatenate([exact, perturbed, fresh])
+
+    result = audit(trained["retrieval"], trained["verification"], synthetic, cohort["pixels"][train_rows], top_k=3)
+
+    matched = train_patients[result.rank1]
+    planted = np.arange(len(rows))
+    found = result.flags[planted] & (matched[planted] == planted_patients)
+    assert found.mean() >= 0.9, f"recall {found.mean():.2f}"
+    fresh_flagged = result.flags[len(rows):].mean()
+    assert fresh_flagged <= 0.1, f"{fresh_flagged:.1%} of fresh unseen-patient images flagged"
+    assert result.neighbours.shape == (len(synthetic), 3)
+    assert (np.diff(result.distances, axis=1) >= 0).all()
+
+
+def test_false_positive_control_with_a_calibrated_threshold(cohort, trained):
+    held = ~trained["train"]
+    reference = cohort["pixels"][trained["train"]]
+    reference_embeddings = embed(trained["retrieval"], reference)
+    kwargs = {"degrade": lambda x: _blurred(x, seed=4), "seed": 0}
+    args = (trained["retrieval"], trained["verification"], cohort["pixels"][held], cohort["patient"][held],
+            reference, reference_embeddings)
+
+    fixed = false_positive_control(*args, AuditConfig(), **kwargs)
+    calibrated = false_positive_control(*args, AuditConfig(target_fpr=0.02), **kwargs)
+
+    assert not fixed.calibrated and fixed.threshold == 0.5 and fixed.images == held.sum()
+    assert fixed.rate <= 0.05
+    assert calibrated.calibrated and 0 < calibrated.threshold <= 1
+    # the rate is measured on the patients that did not set the threshold
+    assert calibrated.images + calibrated.calibration_images == held.sum()
+    assert 0 < calibrated.calibration_images < held.sum()
+    assert calibrated.rate <= 0.1
 
 
 # --- threshold calibration ----------------------------------------------------------------------

@@ -159,3 +159,13 @@ class VerificationNet(nn.Module):
     def score(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Same-patient probabilities ``[N]`` in [0, 1]."""
         return torch.sigmoid(self(a, b))
+
+
+class ReIDNetworks(nn.Module):
+    """The pair a hospital trains and audits with; one state dict (``retrieval.*``, ``verification.*``) for FedAvg."""
+
+    def __init__(self, config: ReIDConfig = ReIDConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.retrieval = RetrievalNet(config)
+        self.verification = VerificationNet(config)

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from fl_unlearn.errors import ConfigError, DataError
-from fl_unlearn.models.reid import RetrievalNet, VerificationNet, to_input
+from fl_unlearn.models.reid import ReIDNetworks, RetrievalNet, VerificationNet, to_input
 
 #: Share of the verification negatives' loss on the hardest impostors. Phantom, 64 px, 200 training
 #: patients: unseen patients' nearest-neighbour audits flagged at 0.5 fell from 1% (share 0.5) to 0.3%.
@@ -413,3 +413,25 @@ def calibrate_threshold(negative_scores: np.ndarray | Sequence[float], target_fp
     allowed -= allowed / n > target_fpr
     highest_unflagged = np.sort(scores)[::-1][allowed]
     return float(np.nextafter(highest_unflagged, np.array(np.inf, dtype=scores.dtype)))
+
+
+def train_reid(nets: ReIDNetworks, images: np.ndarray, patients: Sequence | np.ndarray, *, steps: int,
+               batch_size: int = 64, lr: float = 1e-3, seed: int = 0, degrade: Degrade | None = None) -> dict:
+    """Train both networks of a hospital in place, ``steps`` each; returns their final losses and time."""
+    retrieval = train_retrieval(nets.retrieval, images, patients, steps=steps, batch_size=batch_size, lr=lr,
+                                seed=seed, degrade=degrade)
+    verification = train_verification(nets.verification, images, patients, steps=steps, batch_size=batch_size,
+                                      lr=lr, seed=seed + 1, degrade=degrade)
+    tail = max(1, steps // 5)  # the last fifth: one step's loss is noisy
+    return {"retrieval_loss": float(np.mean(retrieval["loss"][-tail:])),
+            "verification_loss": float(np.mean(verification["loss"][-tail:])),
+            "seconds": retrieval["seconds"] + verification["seconds"]}
+
+
+def evaluate_reid(nets: ReIDNetworks, images: np.ndarray, patients: Sequence | np.ndarray, *, pairs: int = 1000,
+                  seed: int = 0, degrade: Degrade | None = None) -> dict:
+    """Verification AUC (also on degraded images) and retrieval P@1 / mAP@R on held-out patients."""
+    result = {f"verification_{k}": v for k, v in verification_auc(
+        nets.verification, images, patients, pairs=pairs, seed=seed, degrade=degrade).items() if k != "pairs"}
+    result.update({f"retrieval_{k}": v for k, v in retrieval_metrics(nets.retrieval, images, patients).items()})
+    return result
