@@ -30,6 +30,7 @@ from fl_unlearn.privacy.audit import (
     read_deletion_requests,
 )
 from fl_unlearn.privacy.entanglement import entanglement_score
+from fl_unlearn.privacy.memorization import nearest_neighbour_ratio
 from fl_unlearn.privacy.metrics import summary
 from fl_unlearn.training.common import derived_seed
 from fl_unlearn.training.reid import embed
@@ -79,7 +80,10 @@ def audit_synthetic(hospital: Hospital, synthetic: np.ndarray, set_name: str) ->
         save_png(pairs_grid(synthetic[flagged], reference[result.rank1[flagged]], result.scores[flagged]),
                  folder / f"{set_name}-flagged-pairs.png", scale=2)
 
+    # A second, network-free detector: Carlini et al.'s pixel-space near-copies of this hospital's images.
+    copies = nearest_neighbour_ratio(synthetic, reference)["flagged"]
     metrics = {**summary(len(synthetic), result.flags, linked), "threshold": control.threshold,
+               "pixel-copies": int(copies.sum()), "pixel-copies-flagged": int((copies & result.flags).sum()),
                "threshold-calibrated": int(control.calibrated), "control-rate": control.rate,
                "control-images": control.images, "reference-images": len(rows),
                "reference-patients": int(rows["patient"].nunique()), "num-examples": len(synthetic)}

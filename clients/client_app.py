@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import reid
+from clients import reid, unlearning
 from clients.audit import audit_synthetic
 from clients.generative import encode_cache, ldm_round, vae_round
 from clients.hospital import Hospital
@@ -39,9 +39,15 @@ def train(msg: Message, context: Context) -> Message:
     hospital = Hospital.from_context(context)
     config = msg.content["config"]
     phase = str(config["phase"])
-    if phase not in TRAINERS:
-        raise ValueError(f"unknown training phase {phase!r}; known: {sorted(TRAINERS)}")
-    state, metrics = TRAINERS[phase](hospital, msg.content["arrays"].to_torch_state_dict(), config)
+    state = msg.content["arrays"].to_torch_state_dict()
+    if phase.startswith("unlearn-"):
+        mask = ({k: v.bool() for k, v in msg.content["mask"].to_torch_state_dict().items()}
+                if "mask" in msg.content.array_records else None)
+        state, metrics = unlearning.unlearn_round(hospital, state, config, mask)
+    elif phase in TRAINERS:
+        state, metrics = TRAINERS[phase](hospital, state, config)
+    else:
+        raise ValueError(f"unknown training phase {phase!r}; known: {sorted(TRAINERS)} and unlearn-<method>")
     return Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
@@ -80,3 +86,14 @@ def audit(msg: Message, context: Context) -> Message:
         "tokens": ConfigRecord({"matched": tokens, "forget": forget_tokens}),
         "metrics": MetricRecord(metrics),
     }), reply_to=msg)
+
+
+@app.query("saliency")
+def saliency(msg: Message, context: Context) -> Message:
+    """SalUn: this hospital's summed clipped forget-loss gradients at θ0 (empty without forget patients)."""
+    hospital = Hospital.from_context(context)
+    scores = unlearning.saliency(hospital, msg.content["arrays"].to_torch_state_dict(), msg.content["config"])
+    content = RecordDict({"metrics": MetricRecord({"has-forget": int(scores is not None)})})
+    if scores is not None:
+        content["scores"] = ArrayRecord(torch_state_dict=scores)
+    return Message(content, reply_to=msg)

@@ -92,6 +92,17 @@ class RunConfig:
     audit_top_k: int = 3
     audit_target_fpr: float = 0.0  # > 0: calibrate the threshold on unseen patients' autoencoded images instead
     deletion_requests: str = ""  # CSV (patient[, hospital]) of patients who asked to be forgotten
+    # unlearning: methods run one after another, each from θ0, then re-audited on the same seeds
+    unlearn_methods: str = "kl-away,siss,salun-kl-away,ga,finetune-remain"  # add "retrain" for the gold standard
+    unlearn_rounds: int = 3
+    unlearn_local_steps: int = 20
+    unlearn_batch_size: int = 32
+    unlearn_lr: float = 1e-4
+    unlearn_forget_weight: float = 1.0
+    kl_cap: float = 1.0
+    siss_lambda: float = 0.5
+    siss_scaling_norm: float = 0.1
+    saliency_fraction: float = 0.5
     # continue an interrupted run: the folder of that run (its manifest decides what is skipped)
     resume_from: str = ""
 
@@ -134,6 +145,10 @@ class RunConfig:
         self._check_range("audit-threshold", self.audit_threshold, 1e-6, 1.0)
         self._check_range("audit-top-k", self.audit_top_k, 1, None)
         self._check_range("audit-target-fpr", self.audit_target_fpr, 0.0, 0.5)
+        for key in ("unlearn-rounds", "unlearn-local-steps", "unlearn-batch-size"):
+            self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
+        self.unlearning  # validates the method hyperparameters
+        self.methods  # validates the method names
         vae_channels = self._channels("vae-channels", self.vae_channels)
         self._channels("unet-channels", self.unet_channels)
         if self.image_size % 2 ** (len(vae_channels) - 1):
@@ -208,6 +223,28 @@ class RunConfig:
         from fl_unlearn.privacy.audit import AuditConfig
 
         return AuditConfig(threshold=self.audit_threshold, top_k=self.audit_top_k, target_fpr=self.audit_target_fpr)
+
+    @property
+    def unlearning(self):
+        from fl_unlearn.unlearning.methods import UnlearnConfig
+
+        return UnlearnConfig(steps=self.unlearn_local_steps, batch_size=self.unlearn_batch_size, lr=self.unlearn_lr,
+                             forget_weight=self.unlearn_forget_weight, kl_cap=self.kl_cap,
+                             siss_lambda=self.siss_lambda, siss_scaling_norm=self.siss_scaling_norm,
+                             saliency_fraction=self.saliency_fraction)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The unlearning methods to run, in order (empty string: none)."""
+        from fl_unlearn.unlearning.methods import ALL_METHODS
+
+        names = tuple(m.strip() for m in self.unlearn_methods.split(",") if m.strip())
+        unknown = [m for m in names if m not in ALL_METHODS]
+        if unknown:
+            raise ConfigError(f"unlearn-methods names unknown method(s) {unknown}; choose from {list(ALL_METHODS)}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"unlearn-methods lists a method twice: {self.unlearn_methods!r}")
+        return names
 
     @property
     def noise_schedule(self):

@@ -11,7 +11,7 @@ from rich.table import Table
 from fl_unlearn.data.partition import hospital_name
 from fl_unlearn.data.sources import load_federation
 from fl_unlearn.runs import RunDirectory
-from server import generative, privacy
+from server import generative, privacy, unlearning
 from server.federation import Federation
 
 console = Console(width=110, force_terminal=False)
@@ -70,3 +70,8 @@ PHASES: list[tuple[str, Callable[[Federation, RunDirectory], dict | None]]] = [
     ("generate", generative.generate),
     ("audit", privacy.audit),
 ]
+
+
+def phases_for(config) -> list[tuple[str, Callable[[Federation, RunDirectory], dict | None]]]:
+    """The run's phases: the fixed ones, one ``unlearn-<method>`` per configured method, then the report."""
+    return [*PHASES, *unlearning.method_phases(config.methods), ("report", unlearning.report)]

@@ -118,16 +118,16 @@ def _print_audit(name: str, result: dict) -> None:
     kind = "calibrated per hospital" if result["calibrated"] else "fixed"
     table = Table(title=f"Audit of synthetic set '{name}' ({result['images']} images; threshold {kind})")
     for col in ("site", "Non-Anon", "ODA %", "PIR %", "patients linked", "forget set (patients / images)",
-                "threshold", "control FP %", "entanglement %"):
+                "threshold", "control FP %", "pixel copies", "entanglement %"):
         table.add_column(col, justify="left" if col == "site" else "right")
     for site, r in result["hospitals"].items():
         forget = (f"{r['forget-patients']:.0f} / {r['forget-images']:.0f}" if "forget-patients" in r else "–")
         ent = f"{r['entanglement-percent']:.1f}" if "entanglement-percent" in r else "–"
         table.add_row(site, str(r["non_anon"]), f"{r['oda']:.1f}", f"{r['pir']:.1f}", str(r["patients_linked"]),
-                      forget, f"{r['threshold']:.3f}", f"{100 * r['control-rate']:.1f}", ent)
+                      forget, f"{r['threshold']:.3f}", f"{100 * r['control-rate']:.1f}", f"{r['pixel-copies']:.0f}", ent)
     o = result["overall"]
     table.add_row("federation", str(o["non_anon"]), f"{o['oda']:.1f}", f"{o['pir']:.1f}", str(o["patients_linked"]),
-                  "", "", f"≤ {100 * o['control_rate_max']:.1f}", "")
+                  "", "", f"≤ {100 * o['control_rate_max']:.1f}", "", "")
     console.print(table)
 
 

@@ -22,11 +22,12 @@ from server.federation import Federation
 
 def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, rounds: int,
                   initial: dict[str, torch.Tensor], checkpoint: Path, config: dict,
-                  ema_decay: float = 0.0, meta: dict | None = None,
+                  ema_decay: float = 0.0, meta: dict | None = None, extra: dict[str, ArrayRecord] | None = None,
                   on_round: Callable[[int, dict], None] | None = None) -> dict:
     """Run ``rounds`` FedAvg rounds of message ``train`` with ``config['phase'] = phase``.
 
-    Returns the final global state (``"global"``), the server-side EMA when ``ema_decay`` > 0
+    ``extra`` records travel with every round's message (e.g. a saliency mask). Returns the final
+    global state (``"global"``), the server-side EMA when ``ema_decay`` > 0
     (``"ema"``), and per-round hospital metrics (``"history"``).
     """
     start_round, state, ema = 1, initial, None
@@ -42,7 +43,7 @@ def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, roun
     for rnd in range(start_round, rounds + 1):
         t0 = time.perf_counter()
         content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state),
-                              "config": ConfigRecord({"phase": phase, "round": rnd, **config})})
+                              "config": ConfigRecord({"phase": phase, "round": rnd, **config}), **(extra or {})})
         replies = federation.send_to_hospitals("train", content, group_id=f"{phase}-{rnd}")
         if replies.errors or replies.missing or not replies.ok:
             raise RuntimeError(f"{phase} round {rnd}: hospitals failed: errors={replies.errors} "

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_unlearn.config import RunConfig
 from fl_unlearn.runs import RunDirectory
 from server.federation import Federation
-from server.phases import PHASES
+from server.phases import phases_for
 
 log = logging.getLogger("fl_unlearn.server")
 app = ServerApp()
@@ -25,7 +25,7 @@ def main(grid: Grid, context: Context) -> None:
     federation = Federation(grid, config)
     federation.wait_for_nodes()
     rerun = False
-    for name, phase in PHASES:
+    for name, phase in phases_for(config):
         # setup always runs: it learns which node is which hospital. Completed phases are skipped on resume,
         # until one phase runs again: every phase after it consumes its output, so they run again too.
         if name != "setup" and not rerun and run.phase_status(name) == "completed":

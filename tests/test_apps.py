@@ -82,7 +82,7 @@ def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(tes
 
     # privacy: every reply of every phase (train-reid and audit included) checked
     types = {m.metadata.message_type for m in replies}
-    assert {"train", "evaluate", "query.audit"} <= types
+    assert {"train", "evaluate", "query.audit", "query.saliency"} <= types
     leaks = [leak for m in replies for leak in _leaks(m, test_config.image_size, patient_ids, str(test_config.run_dir))]
     assert not leaks, leaks
     audit_replies = [m for m in replies if m.metadata.message_type == "query.audit"]
@@ -98,7 +98,13 @@ def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(tes
     assert manifest["run_config"]["num-hospitals"] == 3
     assert grid.sent[0].metadata.message_type == "query.describe"
     assert {m.metadata.message_type for m in grid.sent} == {"query.describe", "train", "query.encode", "evaluate",
-                                                             "query.audit"}
+                                                             "query.audit", "query.saliency"}
+    table = json.loads((test_config.run_dir / "report" / "table1.json").read_text())
+    assert [r["method"] for r in table["rows"]] == ["original", *test_config.methods]
+    for method in test_config.methods:  # regenerated on the same seeds and labels, then audited again
+        index = (test_config.run_dir / "synthetic" / method / "index.csv").read_text()
+        assert index == (test_config.run_dir / "synthetic" / "original" / "index.csv").read_text()
+        assert (test_config.run_dir / "audit" / f"{method}.json").is_file()
     audit = json.loads((test_config.run_dir / "audit" / "original.json").read_text())
     assert audit["images"] == test_config.num_synthetic
     assert manifest["phases"]["audit"]["non_anon"] == audit["overall"]["non_anon"]

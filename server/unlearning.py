@@ -1,0 +1,166 @@
+"""Phases of unlearning: one per method (unlearn from θ0, regenerate on the same seeds, re-audit), then the table.
+
+Each method starts from θ0 and runs ``unlearn-rounds`` FedAvg rounds: hospitals with forget
+patients use forget + remain loss, the others the remain loss only. ``retrain`` trains a fresh LDM
+on D_r for as many rounds as the original (exact unlearning, the gold standard and cost yardstick).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from rich.console import Console
+from rich.table import Table
+
+from fl_unlearn.checkpoint import load_checkpoint, save_checkpoint
+from fl_unlearn.io import write_json_atomic, write_text_atomic
+from fl_unlearn.models.diffusion import build_unet, sampling_scheduler
+from fl_unlearn.pipeline import SamplerConfig, generate_images
+from fl_unlearn.privacy.metrics import unlearning_summary
+from fl_unlearn.runs import RunDirectory
+from fl_unlearn.unlearning import saliency_mask
+from server.federation import Federation
+from server.generative import load_generator, load_latent_stats, save_synthetic_set
+from server.privacy import audit_set, load_synthetic_set
+from server.rounds import fedavg_rounds
+
+console = Console(width=140, force_terminal=False)
+
+#: Display names of the rows of the table, in the paper's spelling.
+LABELS = {"original": "Original", "siss": "SISS", "kl-away": "KL-Away", "salun-kl-away": "SalUn+KL-Away",
+          "ga": "GA", "finetune-remain": "Fine-tune (D_r)", "retrain": "Retrain (D_r)"}
+
+
+def _salun_mask(federation: Federation, run: RunDirectory, theta0: dict, latent_config: dict) -> dict:
+    """Federated SalUn mask: hospitals send summed clipped forget gradients at θ0; the server keeps the global top."""
+    cfg = run.config
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=theta0), "config": ConfigRecord(latent_config)})
+    replies = federation.send_to_hospitals("query.saliency", content)
+    if replies.errors or replies.missing:
+        raise RuntimeError(f"saliency: hospitals failed: errors={replies.errors} missing={replies.missing}")
+    total: dict[str, torch.Tensor] = {}
+    for _, reply in sorted(replies.ok.items()):
+        if "scores" in reply.content.array_records:
+            for k, v in reply.content["scores"].to_torch_state_dict().items():
+                total[k] = total[k] + v if k in total else v.clone()
+    if not total:  # nobody has a forget set: nothing is salient, nothing may change
+        return {k: torch.zeros_like(v, dtype=torch.bool) for k, v in theta0.items()}
+    mask = saliency_mask(total, cfg.saliency_fraction)
+    # buffers (none in the UNet today) are never masked in: only parameters had gradients
+    return {k: mask.get(k, torch.zeros_like(v, dtype=torch.bool)) for k, v in theta0.items()}
+
+
+def unlearn_method(method: str, federation: Federation, run: RunDirectory) -> dict:
+    """Unlearn with ``method`` from θ0, regenerate the synthetic set on the same seeds, and audit it again."""
+    cfg = run.config
+    theta0, _ = load_checkpoint(run.file("checkpoints", "unet.safetensors"))
+    stats = load_latent_stats(run)
+    latent_config = {"latent-mean": list(stats.mean), "latent-std": list(stats.std)}
+    extra, rounds, initial = {}, cfg.unlearn_rounds, theta0
+    if method == "retrain":
+        torch.manual_seed(cfg.seed + 1)  # the original's initialisation, so only the data differ
+        initial = {k: v.detach().clone()
+                   for k, v in build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels).state_dict().items()}
+        rounds = cfg.ldm_rounds
+    elif method == "salun-kl-away":
+        mask = _salun_mask(federation, run, theta0, latent_config)
+        save_checkpoint(run.file("checkpoints", "salun-mask.safetensors"), {k: v.to(torch.uint8) for k, v in mask.items()},
+                        {"fraction": cfg.saliency_fraction})
+        extra["mask"] = ArrayRecord(torch_state_dict={k: v.to(torch.uint8) for k, v in mask.items()})
+    phase = f"unlearn-{method}"
+    result = fedavg_rounds(federation, run, phase=phase, rounds=rounds, initial=initial,
+                           checkpoint=run.file("checkpoints", f"unet-{method}.safetensors"),
+                           config={"method": method, **latent_config}, extra=extra, meta={"method": method})
+    history = result["history"]
+    cost = {"seconds": round(sum(r["seconds"] for r in history), 1),
+            "hospital_steps": int(sum(m.get("steps", 0) for r in history for m in r["hospitals"].values()))}
+
+    vae, _, _ = load_generator(run)
+    unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
+    unet.load_state_dict(result["global"])
+    _, index = load_synthetic_set(run, "original")
+    sampler = SamplerConfig(steps=cfg.sample_steps, eta=cfg.sample_eta, guidance_scale=cfg.guidance_scale,
+                            batch_size=cfg.sample_batch_size)
+    labels, seeds = index["label"].to_numpy(), index["seed"].to_numpy()
+    images = generate_images(vae, unet.eval(), sampling_scheduler(cfg.noise_schedule), stats, labels, seeds, sampler)
+    save_synthetic_set(run, method, images, labels, seeds, sampler)
+    after = audit_set(federation, run, method)
+    return {**_row(run, after), "cost": cost}
+
+
+def _row(run: RunDirectory, after: dict) -> dict:
+    """Table-1 columns of one re-audit against the original audit (paired by seed)."""
+    before = json.loads(run.file("audit", "original.json").read_text())
+    flags_before = pd.read_csv(run.file("audit", "original.csv"))["non_anonymous"].to_numpy(bool)
+    flags_after = pd.read_csv(run.file("audit", f"{after['set']}.csv"))["non_anonymous"].to_numpy(bool)
+    forget = {(h, t) for h, tokens in before["forget_tokens"].items() for t in tokens}
+    linked = {(h, t) for h, tokens in after["linked_tokens"].items() for t in tokens}
+    o = after["overall"]
+    return {"non_anon": o["non_anon"], "oda": o["oda"], "pir": o["pir"], "patients_linked": o["patients_linked"],
+            **unlearning_summary(forget, linked, flags_before, flags_after),
+            "control_rate_max": o["control_rate_max"]}
+
+
+def report(federation: Federation, run: RunDirectory) -> dict:
+    """The Table-1 shape for this run: Original and each method; saved as JSON, CSV and Markdown."""
+    cfg = run.config
+    original = json.loads(run.file("audit", "original.json").read_text())
+    o = original["overall"]
+    rows = [{"method": "original", "non_anon": o["non_anon"], "ua": None, "ua_image": None, "oda": o["oda"],
+             "pir": o["pir"], "patients_linked": o["patients_linked"], "newly_exposed": None,
+             "control_rate_max": o["control_rate_max"], "seconds": None, "hospital_steps": None}]
+    for method in cfg.methods:
+        entry = run.manifest["phases"].get(f"unlearn-{method}", {})
+        if entry.get("status") != "completed":
+            continue
+        rows.append({"method": method, **{k: entry[k] for k in ("non_anon", "ua", "ua_image", "oda", "pir",
+                                                                   "patients_linked", "newly_exposed",
+                                                                   "control_rate_max")},
+                     **entry["cost"]})
+    table = pd.DataFrame(rows)
+    write_json_atomic(run.file("report", "table1.json"), {"images": original["images"], "rows": rows,
+                                                          "threshold": original["threshold"]})
+    write_text_atomic(run.file("report", "table1.csv"), table.to_csv(index=False))
+    write_text_atomic(run.file("report", "table1.md"), _markdown(table, original["images"]))
+    _print(table, original["images"])
+    return {"rows": len(rows)}
+
+
+def _fmt(value, pattern: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else pattern.format(value)
+
+
+def _markdown(table: pd.DataFrame, images: int) -> str:
+    lines = [f"Synthetic set: {images} images, the same seeds and labels for every row.", "",
+             "| method | Non-Anon | UA % | UA img % | ODA % | PIR % | newly exposed | control FP % | wall s | hospital-steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table.to_dict("records"):
+        lines.append("| " + " | ".join([
+            LABELS.get(r["method"], r["method"]), str(r["non_anon"]), _fmt(r["ua"], "{:.1f}"),
+            _fmt(r["ua_image"], "{:.1f}"), f"{r['oda']:.1f}", f"{r['pir']:.1f}", _fmt(r["newly_exposed"], "{:.0f}"),
+            f"{100 * r['control_rate_max']:.1f}", _fmt(r["seconds"], "{:.1f}"), _fmt(r["hospital_steps"], "{:.0f}"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _print(table: pd.DataFrame, images: int) -> None:
+    out = Table(title=f"Unlearning, re-audited on the same {images} seeds (control FP: unseen patients' "
+                      f"autoencoded images flagged)")
+    for col in ("method", "Non-Anon", "UA %", "UA img %", "ODA %", "PIR %", "newly exposed", "control FP %",
+                "wall s", "hospital-steps"):
+        out.add_column(col, justify="left" if col == "method" else "right")
+    for r in table.to_dict("records"):
+        out.add_row(LABELS.get(r["method"], r["method"]), str(r["non_anon"]), _fmt(r["ua"], "{:.1f}"),
+                    _fmt(r["ua_image"], "{:.1f}"), f"{r['oda']:.1f}", f"{r['pir']:.1f}",
+                    _fmt(r["newly_exposed"], "{:.0f}"), f"{100 * r['control_rate_max']:.1f}",
+                    _fmt(r["seconds"], "{:.1f}"), _fmt(r["hospital_steps"], "{:.0f}"))
+    console.print(out)
+
+
+def method_phases(methods: tuple[str, ...]) -> list[tuple[str, object]]:
+    return [(f"unlearn-{m}", partial(unlearn_method, m)) for m in methods]
