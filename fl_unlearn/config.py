@@ -147,8 +147,8 @@ class RunConfig:
         self._check_range("audit-target-fpr", self.audit_target_fpr, 0.0, 0.5)
         for key in ("unlearn-rounds", "unlearn-local-steps", "unlearn-batch-size"):
             self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
-        self.unlearning  # validates the method hyperparameters
-        self.methods  # validates the method names
+        _ = self.unlearning  # validates the method hyperparameters
+        _ = self.methods  # validates the method names
         vae_channels = self._channels("vae-channels", self.vae_channels)
         self._channels("unet-channels", self.unet_channels)
         if self.image_size % 2 ** (len(vae_channels) - 1):

@@ -119,7 +119,7 @@ def saliency_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str,
     """Global top ``fraction`` of |score| over all parameters → bool masks (exactly round(fraction·N) True)."""
     names = list(scores)
     flat = torch.cat([scores[n].abs().flatten().float() for n in names])
-    keep = int(round(fraction * len(flat)))
+    keep = round(fraction * len(flat))
     chosen = torch.zeros(len(flat), dtype=torch.bool)
     chosen[torch.topk(flat, keep, sorted=False).indices] = True
     masks, offset = {}, 0
