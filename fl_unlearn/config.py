@@ -103,6 +103,12 @@ class RunConfig:
     siss_lambda: float = 0.5
     siss_scaling_norm: float = 0.1
     saliency_fraction: float = 0.5
+    # central evaluation: utility classifier (trained on each synthetic set; a FedAvg reference on real data) and FID
+    classifier_backbone: str = "small-cnn"
+    classifier_steps: int = 300  # training steps on a synthetic set
+    classifier_rounds: int = 3  # FedAvg rounds of the real-data reference classifier
+    classifier_local_steps: int = 100
+    fid_inception_weights: str = ""  # local pt_inception weights file; empty: FID on domain features, named so
     # continue an interrupted run: the folder of that run (its manifest decides what is skipped)
     resume_from: str = ""
 
@@ -145,6 +151,9 @@ class RunConfig:
         self._check_range("audit-threshold", self.audit_threshold, 1e-6, 1.0)
         self._check_range("audit-top-k", self.audit_top_k, 1, None)
         self._check_range("audit-target-fpr", self.audit_target_fpr, 0.0, 0.5)
+        self._check_choice("classifier-backbone", self.classifier_backbone, ("small-cnn", "resnet18", "densenet121"))
+        for key in ("classifier-steps", "classifier-rounds", "classifier-local-steps"):
+            self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
         for key in ("unlearn-rounds", "unlearn-local-steps", "unlearn-batch-size"):
             self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
         _ = self.unlearning  # validates the method hyperparameters

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_healthy(port, superlink)
             run_id = stream_run(cmd, env)
-            status = run_status(run_id, connection, env) if run_id else "not started"
+            status = run_status(run_id, connection, env, config.run_dir / "manifest.json") if run_id else "not started"
         finally:
             stop(superlink)
     print(f"[fl-unlearn] run {run_id} status: {status}", flush=True)
@@ -165,9 +165,14 @@ def toml_value(value: object) -> str:
     return json.dumps(str(value))  # a TOML basic string
 
 
-def run_status(run_id: str, connection: str, env: dict) -> str:
-    """Final status from ``flwr list`` (``--stream`` ends when the run ends, but may race the state update)."""
-    for _ in range(30):
+def run_status(run_id: str, connection: str, env: dict, manifest: Path) -> str:
+    """Final status from ``flwr list`` (``--stream`` ends when the run ends, but may race the state update).
+
+    After a long run the simulation can take a minute to tear its Ray actors down before the
+    SuperLink marks the run finished; past that, the run's own manifest decides.
+    """
+    status = "unknown"
+    for _ in range(120):
         out = subprocess.run(check=False, args=["flwr", "list", "--run-id", run_id, connection, "--format", "json"],
                              cwd=ROOT, env=env, capture_output=True, text=True)
         try:
@@ -178,7 +183,12 @@ def run_status(run_id: str, connection: str, env: dict) -> str:
         if status.startswith("finished"):
             return status
         time.sleep(1.0)
-    return status
+    try:
+        written = json.loads(manifest.read_text()).get("status")
+    except (OSError, json.JSONDecodeError):
+        written = None
+    print(f"[fl-unlearn] flwr list still says {status!r}; the run's manifest says {written!r}", flush=True)
+    return {"completed": "finished:completed", "failed": "finished:failed"}.get(written, status)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from rich.table import Table
 from fl_unlearn.data.partition import hospital_name
 from fl_unlearn.data.sources import load_federation
 from fl_unlearn.runs import RunDirectory
-from server import generative, privacy, unlearning
+from server import evaluation, generative, privacy, unlearning
 from server.federation import Federation
 
 console = Console(width=110, force_terminal=False)
@@ -73,5 +73,6 @@ PHASES: list[tuple[str, Callable[[Federation, RunDirectory], dict | None]]] = [
 
 
 def phases_for(config) -> list[tuple[str, Callable[[Federation, RunDirectory], dict | None]]]:
-    """The run's phases: the fixed ones, one ``unlearn-<method>`` per configured method, then the report."""
-    return [*PHASES, *unlearning.method_phases(config.methods), ("report", unlearning.report)]
+    """The run's phases: the fixed ones, one ``unlearn-<method>`` per configured method, then evaluation."""
+    return [*PHASES, *unlearning.method_phases(config.methods), ("train-classifier", evaluation.train_classifier),
+            ("evaluate", evaluation.evaluate)]

@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 from functools import partial
 
-import numpy as np
 import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from rich.console import Console
-from rich.table import Table
 
 from fl_unlearn.checkpoint import load_checkpoint, save_checkpoint
-from fl_unlearn.io import write_json_atomic, write_text_atomic
 from fl_unlearn.models.diffusion import build_unet, sampling_scheduler
 from fl_unlearn.pipeline import SamplerConfig, generate_images
 from fl_unlearn.privacy.metrics import unlearning_summary
@@ -30,10 +27,6 @@ from server.privacy import audit_set, load_synthetic_set
 from server.rounds import fedavg_rounds
 
 console = Console(width=140, force_terminal=False)
-
-#: Display names of the rows of the table, in the paper's spelling.
-LABELS = {"original": "Original", "siss": "SISS", "kl-away": "KL-Away", "salun-kl-away": "SalUn+KL-Away",
-          "ga": "GA", "finetune-remain": "Fine-tune (D_r)", "retrain": "Retrain (D_r)"}
 
 
 def _salun_mask(federation: Federation, run: RunDirectory, theta0: dict, latent_config: dict) -> dict:
@@ -106,60 +99,21 @@ def _row(run: RunDirectory, after: dict) -> dict:
             "control_rate_max": o["control_rate_max"]}
 
 
-def report(federation: Federation, run: RunDirectory) -> dict:
-    """The Table-1 shape for this run: Original and each method; saved as JSON, CSV and Markdown."""
-    cfg = run.config
+def table_rows(run: RunDirectory) -> list[dict]:
+    """Table-1 privacy columns: Original, then each completed method with its cost."""
     original = json.loads(run.file("audit", "original.json").read_text())
     o = original["overall"]
     rows = [{"method": "original", "non_anon": o["non_anon"], "ua": None, "ua_image": None, "oda": o["oda"],
              "pir": o["pir"], "patients_linked": o["patients_linked"], "newly_exposed": None,
-             "control_rate_max": o["control_rate_max"], "seconds": None, "hospital_steps": None}]
-    for method in cfg.methods:
+             "control_fp": 100 * o["control_rate_max"], "seconds": None, "hospital_steps": None}]
+    for method in run.config.methods:
         entry = run.manifest["phases"].get(f"unlearn-{method}", {})
         if entry.get("status") != "completed":
             continue
         rows.append({"method": method, **{k: entry[k] for k in ("non_anon", "ua", "ua_image", "oda", "pir",
-                                                                   "patients_linked", "newly_exposed",
-                                                                   "control_rate_max")},
-                     **entry["cost"]})
-    table = pd.DataFrame(rows)
-    write_json_atomic(run.file("report", "table1.json"), {"images": original["images"], "rows": rows,
-                                                          "threshold": original["threshold"]})
-    write_text_atomic(run.file("report", "table1.csv"), table.to_csv(index=False))
-    write_text_atomic(run.file("report", "table1.md"), _markdown(table, original["images"]))
-    _print(table, original["images"])
-    return {"rows": len(rows)}
-
-
-def _fmt(value, pattern: str) -> str:
-    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else pattern.format(value)
-
-
-def _markdown(table: pd.DataFrame, images: int) -> str:
-    lines = [f"Synthetic set: {images} images, the same seeds and labels for every row.", "",
-             "| method | Non-Anon | UA % | UA img % | ODA % | PIR % | newly exposed | control FP % | wall s | hospital-steps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in table.to_dict("records"):
-        lines.append("| " + " | ".join([
-            LABELS.get(r["method"], r["method"]), str(r["non_anon"]), _fmt(r["ua"], "{:.1f}"),
-            _fmt(r["ua_image"], "{:.1f}"), f"{r['oda']:.1f}", f"{r['pir']:.1f}", _fmt(r["newly_exposed"], "{:.0f}"),
-            f"{100 * r['control_rate_max']:.1f}", _fmt(r["seconds"], "{:.1f}"), _fmt(r["hospital_steps"], "{:.0f}"),
-        ]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _print(table: pd.DataFrame, images: int) -> None:
-    out = Table(title=f"Unlearning, re-audited on the same {images} seeds (control FP: unseen patients' "
-                      f"autoencoded images flagged)")
-    for col in ("method", "Non-Anon", "UA %", "UA img %", "ODA %", "PIR %", "newly exposed", "control FP %",
-                "wall s", "hospital-steps"):
-        out.add_column(col, justify="left" if col == "method" else "right")
-    for r in table.to_dict("records"):
-        out.add_row(LABELS.get(r["method"], r["method"]), str(r["non_anon"]), _fmt(r["ua"], "{:.1f}"),
-                    _fmt(r["ua_image"], "{:.1f}"), f"{r['oda']:.1f}", f"{r['pir']:.1f}",
-                    _fmt(r["newly_exposed"], "{:.0f}"), f"{100 * r['control_rate_max']:.1f}",
-                    _fmt(r["seconds"], "{:.1f}"), _fmt(r["hospital_steps"], "{:.0f}"))
-    console.print(out)
+                                                                   "patients_linked", "newly_exposed")},
+                     "control_fp": 100 * entry["control_rate_max"], **entry["cost"]})
+    return rows
 
 
 def method_phases(methods: tuple[str, ...]) -> list[tuple[str, object]]:

@@ -99,8 +99,15 @@ def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(tes
     assert grid.sent[0].metadata.message_type == "query.describe"
     assert {m.metadata.message_type for m in grid.sent} == {"query.describe", "train", "query.encode", "evaluate",
                                                              "query.audit", "query.saliency"}
-    table = json.loads((test_config.run_dir / "report" / "table1.json").read_text())
-    assert [r["method"] for r in table["rows"]] == ["original", *test_config.methods]
+    results = json.loads((test_config.run_dir / "report" / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["original", *test_config.methods, "real"]
+    columns = {"non_anon", "ua", "ua_image", "oda", "pir", "newly_exposed", "auc", "auc_ci_low", "auc_ci_high", "fid",
+               "control_fp", "seconds", "hospital_steps"}
+    assert all(columns <= set(r) for r in results["rows"][:-1])
+    assert results["fid"]["name"] == "FID (domain features)"  # no Inception weights here: named, not hidden
+    assert set(results["hospitals"]["original"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    for name in ("report.md", "report/privacy_utility.png", "report/before_after.png", "report/results.csv"):
+        assert (test_config.run_dir / name).is_file(), name
     for method in test_config.methods:  # regenerated on the same seeds and labels, then audited again
         index = (test_config.run_dir / "synthetic" / method / "index.csv").read_text()
         assert index == (test_config.run_dir / "synthetic" / "original" / "index.csv").read_text()

@@ -27,3 +27,14 @@ def build_classifier(backbone: str = "resnet18") -> nn.Module:
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).squeeze(1)
+
+
+def head(model: nn.Module) -> nn.Linear:
+    """The final linear layer; its input is the classifier's penultimate (domain) feature vector."""
+    for name in ("fc", "classifier"):
+        layer = getattr(model, name, None)
+        if isinstance(layer, nn.Linear):
+            return layer
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        return model[-1]
+    raise ValueError(f"cannot find the final linear layer of {type(model).__name__}")

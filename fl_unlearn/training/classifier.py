@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_unlearn.models.classifier import logits
+from fl_unlearn.models.classifier import head, logits
 from fl_unlearn.training.common import autocast, batch_indices, to_tensor
 
 
@@ -60,3 +60,18 @@ def predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.n
     x = to_tensor(images)
     return np.concatenate([torch.sigmoid(logits(model, x[i: i + batch_size])).numpy()
                            for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def features(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Penultimate features [N, D] of uint8 images: the domain features of "FID (domain features)"."""
+    model.eval()
+    captured: list[torch.Tensor] = []
+    hook = head(model).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].detach().float()))
+    try:
+        x = to_tensor(images)
+        for i in range(0, len(x), batch_size):
+            logits(model, x[i: i + batch_size])
+    finally:
+        hook.remove()
+    return torch.cat(captured).numpy()

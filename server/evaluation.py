@@ -1,0 +1,149 @@
+"""Central evaluation: utility AUC and FID of every synthetic set, the report and its pictures.
+
+The server holds the patient-disjoint real test set (as in the paper). The real-data reference
+classifier is trained with FedAvg on the hospitals' training images, so no real training image is
+ever pooled; it is both the utility yardstick and, without Inception weights, the feature extractor
+of "FID (domain features)".
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fl_unlearn.checkpoint import load_checkpoint
+from fl_unlearn.data.inspect import save_png
+from fl_unlearn.data.sources import load_federation
+from fl_unlearn.evaluation import fid
+from fl_unlearn.evaluation.metrics import auc_with_ci
+from fl_unlearn.evaluation.report import (
+    COLUMNS,
+    LABELS,
+    before_after_grid,
+    cell,
+    markdown_table,
+    privacy_utility_plot,
+    save_plot,
+)
+from fl_unlearn.evaluation.utility import utility_auc
+from fl_unlearn.io import write_json_atomic, write_text_atomic
+from fl_unlearn.models.classifier import build_classifier
+from fl_unlearn.runs import RunDirectory, library_versions
+from fl_unlearn.training.classifier import ClassifierTrainConfig, features, predict
+from fl_unlearn.training.common import derived_seed
+from server.federation import Federation
+from server.privacy import load_synthetic_set
+from server.rounds import fedavg_rounds
+from server.unlearning import table_rows
+
+console = Console(width=160, force_terminal=False)
+
+
+def train_classifier(federation: Federation, run: RunDirectory) -> dict:
+    """FedAvg rounds of the reference cardiomegaly classifier on the hospitals' real training images."""
+    cfg = run.config
+    torch.manual_seed(cfg.seed + 3)
+    initial = {k: v.detach().clone() for k, v in build_classifier(cfg.classifier_backbone).state_dict().items()}
+    fedavg_rounds(federation, run, phase="train-classifier", rounds=cfg.classifier_rounds, initial=initial,
+                  checkpoint=run.file("checkpoints", "classifier.safetensors"), config={},
+                  meta={"backbone": cfg.classifier_backbone})
+    return {"rounds": cfg.classifier_rounds}
+
+
+def evaluate(federation: Federation, run: RunDirectory) -> dict:
+    """AUC and FID per synthetic set; results.json/csv, report.md, the plot and the before/after grid."""
+    cfg = run.config
+    cohort, plan = load_federation(cfg)
+    test = plan.test_rows(cohort.table)
+    test_images, test_labels = cohort.load_images(test), test["label"].to_numpy()
+    reference = build_classifier(cfg.classifier_backbone)
+    reference.load_state_dict(load_checkpoint(run.file("checkpoints", "classifier.safetensors"))[0])
+    if cfg.fid_inception_weights:
+        extract, fid_name = fid.inception_extractor(cfg.fid_inception_weights), fid.STANDARD
+    else:
+        extract, fid_name = partial(features, reference), fid.DOMAIN
+    test_features = extract(test_images)
+
+    rows = table_rows(run)
+    sets = {}
+    for row in rows:
+        images, index = load_synthetic_set(run, row["method"])
+        sets[row["method"]] = images
+        utility = utility_auc(images, index["label"].to_numpy(), test_images, test_labels,
+                              backbone=cfg.classifier_backbone,
+                              config=ClassifierTrainConfig(steps=cfg.classifier_steps, bf16=cfg.bf16,
+                                                           seed=derived_seed(cfg.seed, "utility", row["method"])))
+        row.update(auc=utility["auc"], auc_ci_low=utility["ci_low"], auc_ci_high=utility["ci_high"],
+                   fid=fid.frechet_distance(extract(images), test_features), fid_images=len(images))
+        print(f"[fl-unlearn] evaluate {row['method']}: AUC {row['auc']:.3f}, {fid_name} {row['fid']:.1f}", flush=True)
+    real = auc_with_ci(test_labels, predict(reference, test_images), seed=cfg.seed)
+    rows.append({"method": "real", "auc": real["auc"], "auc_ci_low": real["ci_low"], "auc_ci_high": real["ci_high"]})
+
+    audits = {r["method"]: json.loads(run.file("audit", f"{r['method']}.json").read_text())
+              for r in rows if r["method"] != "real"}
+    per_hospital = {method: {site: {k: h[k] for k in ("non_anon", "oda", "pir", "patients_linked", "control-rate",
+                                                      "threshold")}
+                             for site, h in audit["hospitals"].items()} for method, audit in audits.items()}
+    entanglement = {site: {k: h[k] for k in ("entanglement-es", "entanglement-percent") if k in h}
+                    for site, h in audits["original"]["hospitals"].items()}
+    results = {"images": audits["original"]["images"], "test": {"images": len(test), "positives": int(test_labels.sum())},
+               "fid": {"name": fid_name, "images": audits["original"]["images"], "reference": "real test set"},
+               "threshold": audits["original"]["threshold"], "calibrated": audits["original"]["calibrated"],
+               "rows": rows, "hospitals": per_hospital, "entanglement": entanglement, "versions": library_versions()}
+    report_dir = run.file("report")
+    write_json_atomic(report_dir / "results.json", results)
+    write_text_atomic(report_dir / "results.csv", pd.DataFrame(rows).to_csv(index=False))
+    save_plot(report_dir / "privacy_utility.png", privacy_utility_plot(rows, fid_name))
+    after = {m: s for m, s in sets.items() if m != "original"}
+    save_png(before_after_grid(sets["original"], after), report_dir / "before_after.png", scale=2)
+    write_text_atomic(run.file("report.md"), _report_markdown(run, results, fid_name, list(sets)))
+    _print(rows, fid_name, results["images"])
+    print(f"[fl-unlearn] report: {run.file('report.md')}", flush=True)
+    return {"report": str(run.file("report.md")), "fid": fid_name}
+
+
+def _report_markdown(run: RunDirectory, results: dict, fid_name: str, sets: list[str]) -> str:
+    cfg = run.config
+    lines = [f"# fl-unlearn report: run `{cfg.run_name}`", "",
+             (f"{cfg.num_hospitals} hospitals, data `{cfg.data_source}` at {cfg.image_size}×{cfg.image_size}; "
+             f"{results['images']} synthetic images (balanced by class), regenerated on the same seeds after each "
+             f"method. Real test set: {results['test']['images']} images of patients no hospital trains on."), "",
+             (f"- Threshold: {'calibrated per hospital' if results['calibrated'] else 'fixed'} "
+             f"({', '.join(f'{s} {t:.3f}' for s, t in results['threshold'].items())})."),
+             ("- control FP %: unseen patients' images passed through the autoencoder, flagged by the audit "
+             "(the highest rate over hospitals)."),
+             f"- FID column: **{fid_name}** on {results['fid']['images']} images against the real test set"
+             + ("" if fid_name == fid.STANDARD else
+                " (the reference classifier's penultimate features, not Inception: not comparable with published FID)")
+             + ".", ("- AUC: a classifier trained on the row's synthetic set only, tested on the real test set "
+             "(bootstrap 95% CI); row *Real data*: the FedAvg reference classifier."), "",
+             markdown_table(results["rows"]), "", "![privacy vs utility](report/privacy_utility.png)", "",
+             "Same seeds before (top row) and after each method (rows below, in the order "
+             + ", ".join(LABELS.get(s, s) for s in sets) + "):", "", "![before and after](report/before_after.png)", "",
+             "## Per hospital", "", "| method | hospital | Non-Anon | ODA % | PIR % | patients linked | control FP % |",
+             "|---|---|---|---|---|---|---|"]
+    for method, sites in results["hospitals"].items():
+        for site, h in sites.items():
+            lines.append(f"| {LABELS.get(method, method)} | {site} | {h['non_anon']} | {h['oda']:.1f} | {h['pir']:.1f} "
+                         f"| {h['patients_linked']} | {100 * h['control-rate']:.1f} |")
+    lines += ["", "## Entanglement of D_f and D_r (retrieval embeddings, Zhao et al.)", "",
+              "| hospital | ES | bounded % |", "|---|---|---|"]
+    for site, e in results["entanglement"].items():
+        lines.append(f"| {site} | {e['entanglement-es']:.2f} | {e['entanglement-percent']:.1f} |" if e else
+                     f"| {site} | – | – |")
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def _print(rows: list[dict], fid_name: str, images: int) -> None:
+    table = Table(title=f"Results on {images} synthetic images (FID column: {fid_name})")
+    for title, _, _ in COLUMNS:
+        table.add_column(title, justify="left" if title == "method" else "right")
+    for row in rows:
+        table.add_row(*(cell(row, key, pattern) for _, key, pattern in COLUMNS))
+    console.print(table)
