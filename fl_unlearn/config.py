@@ -66,8 +66,8 @@ class RunConfig:
     unet_channels: str = "64,128,128"
     unet_layers_per_block: int = 1
     unet_attention: bool = False
-    ldm_rounds: int = 5
-    ldm_local_steps: int = 100
+    ldm_rounds: int = 20
+    ldm_local_steps: int = 25
     ldm_batch_size: int = 64
     ldm_lr: float = 5e-4
     ldm_loss: str = "l2"
@@ -83,8 +83,8 @@ class RunConfig:
     # patient re-identification networks (retrieval + verification), trained on each hospital's real images
     reid_backbone: str = "small-cnn"
     reid_federated: bool = True  # FedAvg rounds; false = each hospital trains and keeps its own networks
-    reid_rounds: int = 3
-    reid_local_steps: int = 100
+    reid_rounds: int = 4
+    reid_local_steps: int = 120
     reid_batch_size: int = 64
     reid_lr: float = 1e-3
     # the audit of synthetic images at each hospital

@@ -11,7 +11,7 @@ from fl_unlearn.config import load_preset
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _flower_task_identity():
     # Building a flwr Message outside a Flower runtime needs the (internal) task identity.
     from flwr.supercore.task_identity import TaskIdentity

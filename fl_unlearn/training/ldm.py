@@ -47,8 +47,12 @@ def diffusion_loss(unet: UNet2DModel, scheduler: DDPMScheduler, z0: torch.Tensor
 
 
 def train_ldm(unet: UNet2DModel, scheduler: DDPMScheduler, latents: np.ndarray, labels: np.ndarray,
-              config: LDMTrainConfig) -> dict:
-    """Train ``unet`` in place on normalised latents [N,C,h,w] with labels [N] in {0, 1}."""
+              config: LDMTrainConfig, optimizer_state: dict | None = None) -> dict:
+    """Train ``unet`` in place on normalised latents [N,C,h,w] with labels [N] in {0, 1}.
+
+    ``optimizer_state`` continues AdamW's moments from an earlier call (a hospital's previous round);
+    the returned ``optimizer_state`` is the one to pass next time.
+    """
     if config.loss not in ("l1", "l2"):
         raise ValueError(f"ldm loss {config.loss!r} is not 'l1' or 'l2'")
     rng = np.random.default_rng(config.seed)
@@ -56,6 +60,8 @@ def train_ldm(unet: UNet2DModel, scheduler: DDPMScheduler, latents: np.ndarray, 
     z_all = torch.as_tensor(latents).float()
     y_all = torch.as_tensor(labels).long()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     unet.train()
     total = 0.0
     start = time.perf_counter()
@@ -72,4 +78,4 @@ def train_ldm(unet: UNet2DModel, scheduler: DDPMScheduler, latents: np.ndarray, 
         total += float(loss.detach())
     unet.eval()
     return {"loss": total / max(config.steps, 1), "seconds": time.perf_counter() - start,
-            "examples": len(z_all), "steps": config.steps}
+            "examples": len(z_all), "steps": config.steps, "optimizer_state": optimizer.state_dict()}
