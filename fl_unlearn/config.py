@@ -109,6 +109,7 @@ class RunConfig:
     classifier_rounds: int = 3  # FedAvg rounds of the real-data reference classifier
     classifier_local_steps: int = 100
     fid_inception_weights: str = ""  # local pt_inception weights file; empty: FID on domain features, named so
+    catalog_method: str = "auto"  # the set the catalog is built from; auto: fewest flagged at a utility near θ0's
     # continue an interrupted run: the folder of that run (its manifest decides what is skipped)
     resume_from: str = ""
 
@@ -158,6 +159,9 @@ class RunConfig:
             self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
         _ = self.unlearning  # validates the method hyperparameters
         _ = self.methods  # validates the method names
+        if self.catalog_method not in ("auto", "original", *self.methods):
+            raise ConfigError(f"catalog-method = {self.catalog_method!r} must be 'auto', 'original' or one of the run's "
+                              f"unlearn-methods {list(self.methods)}")
         vae_channels = self._channels("vae-channels", self.vae_channels)
         self._channels("unet-channels", self.unet_channels)
         if self.image_size % 2 ** (len(vae_channels) - 1):

@@ -20,6 +20,7 @@ from fl_unlearn.checkpoint import load_checkpoint
 from fl_unlearn.data.inspect import save_png
 from fl_unlearn.data.sources import load_federation
 from fl_unlearn.evaluation import fid
+from fl_unlearn.evaluation.catalog import build_catalog
 from fl_unlearn.evaluation.metrics import auc_with_ci
 from fl_unlearn.evaluation.report import (
     COLUMNS,
@@ -95,6 +96,7 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
                "fid": {"name": fid_name, "images": audits["original"]["images"], "reference": "real test set"},
                "threshold": audits["original"]["threshold"], "calibrated": audits["original"]["calibrated"],
                "rows": rows, "hospitals": per_hospital, "entanglement": entanglement, "versions": library_versions()}
+    results["catalog"] = _catalog(run, rows, sets, partial(features, reference))
     report_dir = run.file("report")
     write_json_atomic(report_dir / "results.json", results)
     write_text_atomic(report_dir / "results.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -105,6 +107,30 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
     _print(rows, fid_name, results["images"])
     print(f"[fl-unlearn] report: {run.file('report.md')}", flush=True)
     return {"report": str(run.file("report.md")), "fid": fid_name}
+
+
+#: Utility an unlearned set may lose against the original and still be chosen for the catalog by "auto".
+CATALOG_AUC_TOLERANCE = 0.05
+
+
+def _catalog(run: RunDirectory, rows: list[dict], sets: dict, embed) -> dict:
+    """Build the catalog from the configured set (auto: fewest non-anonymous images among the sets whose
+    utility AUC is within CATALOG_AUC_TOLERANCE of the original's), without the images still flagged."""
+    cfg = run.config
+    method = cfg.catalog_method
+    if method == "auto":
+        by_method = {r["method"]: r for r in rows if r["method"] in sets}
+        floor = by_method["original"]["auc"] - CATALOG_AUC_TOLERANCE
+        useful = [m for m, r in by_method.items() if r["auc"] >= floor]
+        method = min(useful, key=lambda m: (by_method[m]["non_anon"], m != "original"))
+    audit = pd.read_csv(run.file("audit", f"{method}.csv"))
+    scores = audit[[c for c in audit.columns if c.endswith("-score")]].max(axis=1).to_numpy()
+    images = sets[method]
+    summary = build_catalog(run.file("catalog"), images, audit, scores, audit["non_anonymous"].to_numpy(bool),
+                            embed(images), method=method, embedding_name="reference classifier features")
+    print(f"[fl-unlearn] catalog: {summary['cases']} cases from {method!r} ({summary['removed']} flagged removed): "
+          f"{run.file('catalog', 'viewer.html')}", flush=True)
+    return summary
 
 
 def _report_markdown(run: RunDirectory, results: dict, fid_name: str, sets: list[str]) -> str:
@@ -125,6 +151,9 @@ def _report_markdown(run: RunDirectory, results: dict, fid_name: str, sets: list
              markdown_table(results["rows"]), "", "![privacy vs utility](report/privacy_utility.png)", "",
              "Same seeds before (top row) and after each method (rows below, in the order "
              + ", ".join(LABELS.get(s, s) for s in sets) + "):", "", "![before and after](report/before_after.png)", "",
+             (f"Catalog: {results['catalog']['cases']} cases from `{results['catalog']['method']}` with the "
+             f"{results['catalog']['removed']} images still flagged by a hospital removed; open "
+             "[catalog/viewer.html](catalog/viewer.html) in a browser."), "",
              "## Per hospital", "", "| method | hospital | Non-Anon | ODA % | PIR % | patients linked | control FP % |",
              "|---|---|---|---|---|---|---|"]
     for method, sites in results["hospitals"].items():

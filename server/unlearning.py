@@ -103,9 +103,12 @@ def table_rows(run: RunDirectory) -> list[dict]:
     """Table-1 privacy columns: Original, then each completed method with its cost."""
     original = json.loads(run.file("audit", "original.json").read_text())
     o = original["overall"]
+    # The original row's cost is what training θ0 took: what retraining on D_r costs, the yardstick.
+    trained = run.manifest["phases"]["train-ldm"].get("history", [])
     rows = [{"method": "original", "non_anon": o["non_anon"], "ua": None, "ua_image": None, "oda": o["oda"],
              "pir": o["pir"], "patients_linked": o["patients_linked"], "newly_exposed": None,
-             "control_fp": 100 * o["control_rate_max"], "seconds": None, "hospital_steps": None}]
+             "control_fp": 100 * o["control_rate_max"], "seconds": round(sum(r["seconds"] for r in trained), 1),
+             "hospital_steps": len(trained) * run.config.ldm_local_steps * run.config.num_hospitals}]
     for method in run.config.methods:
         entry = run.manifest["phases"].get(f"unlearn-{method}", {})
         if entry.get("status") != "completed":

@@ -106,7 +106,9 @@ def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(tes
     assert all(columns <= set(r) for r in results["rows"][:-1])
     assert results["fid"]["name"] == "FID (domain features)"  # no Inception weights here: named, not hidden
     assert set(results["hospitals"]["original"]) == {"hospital-0", "hospital-1", "hospital-2"}
-    for name in ("report.md", "report/privacy_utility.png", "report/before_after.png", "report/results.csv"):
+    assert results["catalog"]["cases"] + results["catalog"]["removed"] == test_config.num_synthetic
+    for name in ("report.md", "report/privacy_utility.png", "report/before_after.png", "report/results.csv",
+                 "catalog/viewer.html", "catalog/index.csv"):
         assert (test_config.run_dir / name).is_file(), name
     for method in test_config.methods:  # regenerated on the same seeds and labels, then audited again
         index = (test_config.run_dir / "synthetic" / method / "index.csv").read_text()
@@ -143,3 +145,24 @@ def test_the_leak_check_catches_pixels_ids_and_paths():
     leaks = _leaks(bad, 32, {"P00003"}, "/runs/x")
 
     assert len(leaks) == 3
+
+
+def test_deletion_requests_join_the_forget_set_and_an_unknown_patient_is_named(test_config, tmp_path):
+    cohort, plan = load_federation(test_config)
+    held = min(plan.hospital_rows(cohort.table, 1)["patient"])
+    requests = tmp_path / "requests.csv"
+    requests.write_text(f"hospital,patient\nhospital-1,{held}\n")
+    config = test_config.replace(deletion_requests=str(requests), unlearn_methods="")
+    run_config = config.to_run_config()
+    server_app(FakeGrid(client_app, run_config, num_nodes=3),
+               Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    chosen = json.loads((config.run_dir / "hospitals" / "hospital-1" / "forget-patients.json").read_text())
+    assert chosen["requested"] == [held]
+
+    requests.write_text("hospital,patient\nhospital-2,P99999\n")
+    bad = test_config.replace(deletion_requests=str(requests), unlearn_methods="", output_dir=str(tmp_path / "bad"))
+    run_config = bad.to_run_config()
+    with pytest.raises(RuntimeError, match="P99999"):
+        server_app(FakeGrid(client_app, run_config, num_nodes=3),
+                   Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    assert not (bad.run_dir / "hospitals" / "hospital-2" / "forget.csv").exists()  # no partial forget set
