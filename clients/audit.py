@@ -58,8 +58,12 @@ def _control(hospital: Hospital, nets, reference: np.ndarray, reference_embeddin
 def audit_synthetic(hospital: Hospital, synthetic: np.ndarray, set_name: str) -> tuple[dict, list[str], list[str], dict]:
     """Audit ``synthetic`` here. Returns (arrays to send, matched tokens, forget-set tokens, metrics)."""
     cfg = hospital.config
-    nets = load_networks(hospital)
     rows = hospital.split.ldm  # the generative model's training images: who can be memorized
+    requested: list[str] = []
+    if set_name == ORIGINAL and cfg.deletion_requests:  # checked before anything is computed or written
+        requested = read_deletion_requests(cfg.deletion_requests, hospital.name)
+        forget_remain(rows, [], requested, known=hospital.rows["patient"].astype(str))
+    nets = load_networks(hospital)
     reference = hospital.cohort.load_images(rows)
     patients = rows["patient"].astype(str).to_numpy()
     reference_embeddings = embed(nets.retrieval, reference)
@@ -89,7 +93,6 @@ def audit_synthetic(hospital: Hospital, synthetic: np.ndarray, set_name: str) ->
                "reference-patients": int(rows["patient"].nunique()), "num-examples": len(synthetic)}
     forget_tokens: list[str] = []
     if set_name == ORIGINAL:
-        requested = read_deletion_requests(cfg.deletion_requests, hospital.name) if cfg.deletion_requests else []
         split = forget_remain(rows, linked, requested, known=hospital.rows["patient"].astype(str))
         write_text_atomic(hospital.work_dir / "forget.csv", split.forget.to_csv(index=False))
         write_text_atomic(hospital.work_dir / "remain.csv", split.remain.to_csv(index=False))

@@ -165,4 +165,5 @@ def test_deletion_requests_join_the_forget_set_and_an_unknown_patient_is_named(t
     with pytest.raises(RuntimeError, match="P99999"):
         server_app(FakeGrid(client_app, run_config, num_nodes=3),
                    Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    assert not (bad.run_dir / "hospitals" / "hospital-2" / "forget.csv").exists()  # no partial forget set
+    work = bad.run_dir / "hospitals" / "hospital-2"
+    assert not (work / "forget.csv").exists() and not (work / "audit").exists()  # nothing half-written
