@@ -104,8 +104,11 @@ RESUMABLE_KEYS = frozenset({"resume-from", "output-dir", "run-name", "wait-for-n
 def check_same_run(stored: dict, config: RunConfig) -> None:
     """Refuse to resume a run folder made with another configuration (its checkpoints would not fit)."""
     current = config.to_run_config()
+    defaults = RunConfig().to_run_config()
+    # A key the stored run does not know was added later; at its default it changes nothing that ran.
     differ = sorted(k for k in set(stored) | set(current)
-                    if k not in RESUMABLE_KEYS and stored.get(k) != current.get(k))
+                    if k not in RESUMABLE_KEYS and stored.get(k) != current.get(k)
+                    and not (k not in stored and current.get(k) == defaults.get(k)))
     if differ:
         detail = ", ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now" for k in differ[:5])
         raise ConfigError(f"resume-from = {config.resume_from!r} was made with another configuration ({detail})")

@@ -32,3 +32,13 @@ def test_every_preset_loads(name):
 def test_bad_settings_are_one_clear_error(key, value, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_run_config({key: value})
+
+
+def test_resume_accepts_a_key_added_later_only_at_its_default():
+    from fl_unlearn.runs import check_same_run
+
+    stored = RunConfig().to_run_config()
+    del stored["catalog-method"]  # a run made before the key existed
+    check_same_run(stored, RunConfig(resume_from="/runs/old"))
+    with pytest.raises(ConfigError, match="catalog-method"):
+        check_same_run(stored, RunConfig(resume_from="/runs/old", catalog_method="original"))
