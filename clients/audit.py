@@ -22,6 +22,7 @@ from fl_unlearn.io import write_json_atomic, write_text_atomic
 from fl_unlearn.privacy.audit import (
     FalsePositiveControl,
     audit,
+    check_requested,
     false_positive_control,
     forget_remain,
     load_or_create_secret,
@@ -31,7 +32,7 @@ from fl_unlearn.privacy.audit import (
 )
 from fl_unlearn.privacy.entanglement import entanglement_score
 from fl_unlearn.privacy.memorization import nearest_neighbour_ratio
-from fl_unlearn.privacy.metrics import summary
+from fl_unlearn.privacy.metrics import linked_patients, summary
 from fl_unlearn.training.common import derived_seed
 from fl_unlearn.training.reid import embed
 from fl_unlearn.training.vae import reconstruct
@@ -61,8 +62,8 @@ def audit_synthetic(hospital: Hospital, synthetic: np.ndarray, set_name: str) ->
     rows = hospital.split.ldm  # the generative model's training images: who can be memorized
     requested: list[str] = []
     if set_name == ORIGINAL and cfg.deletion_requests:  # checked before anything is computed or written
-        requested = read_deletion_requests(cfg.deletion_requests, hospital.name)
-        forget_remain(rows, [], requested, known=hospital.rows["patient"].astype(str))
+        requested = check_requested(read_deletion_requests(cfg.deletion_requests, hospital.name),
+                                    hospital.rows["patient"].astype(str))
     nets = load_networks(hospital)
     reference = hospital.cohort.load_images(rows)
     patients = rows["patient"].astype(str).to_numpy()
@@ -71,7 +72,7 @@ def audit_synthetic(hospital: Hospital, synthetic: np.ndarray, set_name: str) ->
     result = audit(nets.retrieval, nets.verification, synthetic, reference, threshold=control.threshold,
                    top_k=cfg.audit_top_k, reference_embeddings=reference_embeddings)
     matched = patients[result.rank1]
-    linked = sorted(set(matched[result.flags]))
+    linked = sorted(linked_patients(matched, result.flags))
     secret = load_or_create_secret(hospital.work_dir / "token-secret.bin")
     tokens = [patient_token(secret, p) if flag else "" for p, flag in zip(matched, result.flags, strict=True)]
 

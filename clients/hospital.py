@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -34,7 +35,7 @@ class Hospital:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    @property
+    @cached_property
     def split(self) -> HospitalSplit:
         return hospital_split(self.config, self.rows, self.index)
 

@@ -28,7 +28,8 @@ def _degrade(hospital: Hospital):
     return partial(reconstruct, local_vae(hospital))
 
 
-def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: int) -> tuple[ReIDNetworks, dict]:
+def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: int,
+                degrade) -> tuple[ReIDNetworks, dict]:
     """``steps`` local steps of both networks from ``state`` (None: fresh networks seeded per hospital)."""
     cfg = hospital.config
     seed = derived_seed(cfg.seed, "reid", round_, hospital.index)
@@ -38,13 +39,14 @@ def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: 
         nets.load_state_dict(state)
     rows = hospital.split.train
     stats = train_reid(nets, hospital.cohort.load_images(rows), rows["patient"].to_numpy(), steps=steps,
-                       batch_size=cfg.reid_batch_size, lr=cfg.reid_lr, seed=seed, degrade=_degrade(hospital))
+                       batch_size=cfg.reid_batch_size, lr=cfg.reid_lr, seed=seed, degrade=degrade)
     return nets, {"num-examples": len(rows), "loss": stats["retrieval_loss"] + stats["verification_loss"], **stats}
 
 
 def reid_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[State, dict]:
     """One FedAvg round: local steps of both networks from the global weights."""
-    nets, metrics = train_local(hospital, state, steps=hospital.config.reid_local_steps, round_=int(config["round"]))
+    nets, metrics = train_local(hospital, state, steps=hospital.config.reid_local_steps, round_=int(config["round"]),
+                                degrade=_degrade(hospital))
     return nets.state_dict(), metrics
 
 
@@ -54,16 +56,18 @@ def keep_and_evaluate(hospital: Hospital, state: State | None) -> dict:
     ``state`` is the final global model (federated), or None to train local-only networks here.
     """
     cfg = hospital.config
-    path = hospital.work_dir / CHECKPOINT
+    degrade = _degrade(hospital)
     if state is None:
-        nets, _ = train_local(hospital, None, steps=cfg.reid_rounds * cfg.reid_local_steps, round_=0)
-        state = nets.state_dict()
-    save_checkpoint(path, state, {"backbone": cfg.reid_backbone, "federated": cfg.reid_federated})
+        nets, _ = train_local(hospital, None, steps=cfg.reid_rounds * cfg.reid_local_steps, round_=0, degrade=degrade)
+    else:
+        nets = ReIDNetworks(cfg.reid)
+        nets.load_state_dict(state)
+    save_checkpoint(hospital.work_dir / CHECKPOINT, nets.state_dict(),
+                    {"backbone": cfg.reid_backbone, "federated": cfg.reid_federated})
     (hospital.work_dir / "audit" / "control.json").unlink(missing_ok=True)  # measured with the old networks
-    nets = load_networks(hospital)
     holdout = hospital.split.holdout
-    result = evaluate_reid(nets, hospital.cohort.load_images(holdout), holdout["patient"].to_numpy(),
-                           seed=derived_seed(cfg.seed, "reid-eval", hospital.index), degrade=_degrade(hospital))
+    result = evaluate_reid(nets.eval(), hospital.cohort.load_images(holdout), holdout["patient"].to_numpy(),
+                           seed=derived_seed(cfg.seed, "reid-eval", hospital.index), degrade=degrade)
     result.update({"holdout-patients": int(holdout["patient"].nunique()), "holdout-images": len(holdout)})
     return result
 

@@ -9,7 +9,6 @@ of "FID (domain features)".
 from __future__ import annotations
 
 import json
-from functools import partial
 
 import pandas as pd
 import torch
@@ -29,16 +28,15 @@ from fl_unlearn.evaluation.report import (
     cell,
     markdown_table,
     privacy_utility_plot,
-    save_plot,
 )
 from fl_unlearn.evaluation.utility import utility_auc
-from fl_unlearn.io import write_json_atomic, write_text_atomic
+from fl_unlearn.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from fl_unlearn.models.classifier import build_classifier
 from fl_unlearn.runs import RunDirectory, library_versions
 from fl_unlearn.training.classifier import ClassifierTrainConfig, features, predict
 from fl_unlearn.training.common import derived_seed
 from server.federation import Federation
-from server.privacy import load_synthetic_set
+from server.generative import load_synthetic_set
 from server.rounds import fedavg_rounds
 from server.unlearning import table_rows
 
@@ -64,23 +62,24 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
     test_images, test_labels = cohort.load_images(test), test["label"].to_numpy()
     reference = build_classifier(cfg.classifier_backbone)
     reference.load_state_dict(load_checkpoint(run.file("checkpoints", "classifier.safetensors"))[0])
-    if cfg.fid_inception_weights:
-        extract, fid_name = fid.inception_extractor(cfg.fid_inception_weights), fid.STANDARD
-    else:
-        extract, fid_name = partial(features, reference), fid.DOMAIN
-    test_features = extract(test_images)
+    # Domain features serve the catalog's embeddings always, and FID when no Inception weights are given.
+    inception = fid.inception_extractor(cfg.fid_inception_weights) if cfg.fid_inception_weights else None
+    fid_name = fid.STANDARD if inception else fid.DOMAIN
+    test_features = inception(test_images) if inception else features(reference, test_images)
 
     rows = table_rows(run)
-    sets = {}
+    sets, domain = {}, {}
     for row in rows:
         images, index = load_synthetic_set(run, row["method"])
         sets[row["method"]] = images
+        domain[row["method"]] = features(reference, images)
         utility = utility_auc(images, index["label"].to_numpy(), test_images, test_labels,
                               backbone=cfg.classifier_backbone,
                               config=ClassifierTrainConfig(steps=cfg.classifier_steps, bf16=cfg.bf16,
                                                            seed=derived_seed(cfg.seed, "utility", row["method"])))
         row.update(auc=utility["auc"], auc_ci_low=utility["ci_low"], auc_ci_high=utility["ci_high"],
-                   fid=fid.frechet_distance(extract(images), test_features), fid_images=len(images))
+                   fid=fid.frechet_distance(inception(images) if inception else domain[row["method"]], test_features),
+                   fid_images=len(images))
         print(f"[fl-unlearn] evaluate {row['method']}: AUC {row['auc']:.3f}, {fid_name} {row['fid']:.1f}", flush=True)
     real = auc_with_ci(test_labels, predict(reference, test_images), seed=cfg.seed)
     rows.append({"method": "real", "auc": real["auc"], "auc_ci_low": real["ci_low"], "auc_ci_high": real["ci_high"]})
@@ -96,11 +95,11 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
                "fid": {"name": fid_name, "images": audits["original"]["images"], "reference": "real test set"},
                "threshold": audits["original"]["threshold"], "calibrated": audits["original"]["calibrated"],
                "rows": rows, "hospitals": per_hospital, "entanglement": entanglement, "versions": library_versions()}
-    results["catalog"] = _catalog(run, rows, sets, partial(features, reference))
+    results["catalog"] = _catalog(run, rows, sets, domain)
     report_dir = run.file("report")
     write_json_atomic(report_dir / "results.json", results)
     write_text_atomic(report_dir / "results.csv", pd.DataFrame(rows).to_csv(index=False))
-    save_plot(report_dir / "privacy_utility.png", privacy_utility_plot(rows, fid_name))
+    write_bytes_atomic(report_dir / "privacy_utility.png", privacy_utility_plot(rows, fid_name))
     after = {m: s for m, s in sets.items() if m != "original"}
     save_png(before_after_grid(sets["original"], after), report_dir / "before_after.png", scale=2)
     write_text_atomic(run.file("report.md"), _report_markdown(run, results, fid_name, list(sets)))
@@ -113,7 +112,7 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
 CATALOG_AUC_TOLERANCE = 0.05
 
 
-def _catalog(run: RunDirectory, rows: list[dict], sets: dict, embed) -> dict:
+def _catalog(run: RunDirectory, rows: list[dict], sets: dict, embeddings: dict) -> dict:
     """Build the catalog from the configured set (auto: fewest non-anonymous images among the sets whose
     utility AUC is within CATALOG_AUC_TOLERANCE of the original's), without the images still flagged."""
     cfg = run.config
@@ -127,7 +126,7 @@ def _catalog(run: RunDirectory, rows: list[dict], sets: dict, embed) -> dict:
     scores = audit[[c for c in audit.columns if c.endswith("-score")]].max(axis=1).to_numpy()
     images = sets[method]
     summary = build_catalog(run.file("catalog"), images, audit, scores, audit["non_anonymous"].to_numpy(bool),
-                            embed(images), method=method, embedding_name="reference classifier features")
+                            embeddings[method], method=method, embedding_name="reference classifier features")
     print(f"[fl-unlearn] catalog: {summary['cases']} cases from {method!r} ({summary['removed']} flagged removed): "
           f"{run.file('catalog', 'viewer.html')}", flush=True)
     return summary

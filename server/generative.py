@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fl_unlearn.checkpoint import load_checkpoint, save_checkpoint
-from fl_unlearn.data.inspect import save_png
+from fl_unlearn.data.inspect import save_png, tile_rows
 from fl_unlearn.io import atomic_path, write_json_atomic, write_text_atomic
 from fl_unlearn.models.diffusion import build_unet, build_vae, sampling_scheduler
 from fl_unlearn.pipeline import LatentStats, SamplerConfig, generate_images, image_seeds
@@ -75,14 +75,26 @@ def train_ldm(federation: Federation, run: RunDirectory) -> dict:
     return {"rounds": cfg.ldm_rounds, "parameters": sum(v.numel() for v in theta0.values())}
 
 
+def load_vae(run: RunDirectory):
+    """The run's global autoencoder, in eval mode."""
+    vae = build_vae(run.config.vae, run.config.image_size)
+    vae.load_state_dict(load_checkpoint(run.file("checkpoints", "vae.safetensors"))[0])
+    return vae.eval()
+
+
 def load_generator(run: RunDirectory, unet_checkpoint: str = "unet.safetensors"):
     """(vae, unet, latent stats) of a run, in eval mode."""
     cfg = run.config
-    vae = build_vae(cfg.vae, cfg.image_size)
-    vae.load_state_dict(load_checkpoint(run.file("checkpoints", "vae.safetensors"))[0])
+    vae = load_vae(run)
     unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
     unet.load_state_dict(load_checkpoint(run.file("checkpoints", unet_checkpoint))[0])
-    return vae.eval(), unet.eval(), load_latent_stats(run)
+    return vae, unet.eval(), load_latent_stats(run)
+
+
+def sampler_config(cfg) -> SamplerConfig:
+    """The run's DDIM settings: the original set and every regenerated one use the same."""
+    return SamplerConfig(steps=cfg.sample_steps, eta=cfg.sample_eta, guidance_scale=cfg.guidance_scale,
+                         batch_size=cfg.sample_batch_size)
 
 
 def synthetic_labels(count: int) -> np.ndarray:
@@ -96,8 +108,7 @@ def generate(federation: Federation, run: RunDirectory) -> dict:
     vae, unet, stats = load_generator(run)
     labels = synthetic_labels(cfg.num_synthetic)
     seeds = image_seeds(cfg.seed, cfg.num_synthetic)
-    sampler = SamplerConfig(steps=cfg.sample_steps, eta=cfg.sample_eta, guidance_scale=cfg.guidance_scale,
-                            batch_size=cfg.sample_batch_size)
+    sampler = sampler_config(cfg)
     images = generate_images(vae, unet, sampling_scheduler(cfg.noise_schedule), stats, labels, seeds, sampler)
     save_synthetic_set(run, "original", images, labels, seeds, sampler)
     return {"images": len(images), "positives": int(labels.sum())}
@@ -117,15 +128,13 @@ def save_synthetic_set(run: RunDirectory, name: str, images: np.ndarray, labels:
     save_png(sample_grid(images, labels), folder / "grid.png", scale=2)
 
 
+def load_synthetic_set(run: RunDirectory, name: str) -> tuple[np.ndarray, pd.DataFrame]:
+    folder = run.file("synthetic", name)
+    if not (folder / "images.npy").is_file():
+        raise FileNotFoundError(f"no synthetic set {name!r} at {folder}: the generate phase did not run")
+    return np.load(folder / "images.npy"), pd.read_csv(folder / "index.csv")
+
+
 def sample_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8, pad: int = 2) -> np.ndarray:
-    """Two rows per class (top: no cardiomegaly, bottom: cardiomegaly), ``per_class`` images each."""
-    size = images.shape[1]
-    rows = []
-    for label in (0, 1):
-        picked = images[labels == label][:per_class]
-        tiles = np.full((len(picked), size, size + pad), 255, np.uint8)
-        tiles[:, :, :size] = picked
-        rows.append(np.concatenate(list(tiles), axis=1)[:, :-pad])
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, pad), (0, width - r.shape[1])), constant_values=255) for r in rows]
-    return np.concatenate(rows, axis=0)[:-pad]
+    """One row per class (top: no cardiomegaly, bottom: cardiomegaly), ``per_class`` images each."""
+    return tile_rows([images[labels == label][:per_class] for label in (0, 1)], pad)

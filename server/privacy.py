@@ -7,7 +7,6 @@ tokens (which it can count and compare across audits, not invert) and counts.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from rich.console import Console
@@ -16,9 +15,10 @@ from rich.table import Table
 from fl_unlearn.data.partition import hospital_name
 from fl_unlearn.io import write_json_atomic, write_text_atomic
 from fl_unlearn.models.reid import ReIDNetworks
-from fl_unlearn.privacy.metrics import pooled_links, summary
+from fl_unlearn.privacy.metrics import linked_patients, pooled_links, summary
 from fl_unlearn.runs import RunDirectory
 from server.federation import Federation
+from server.generative import load_synthetic_set
 from server.rounds import fedavg_rounds
 
 console = Console(width=140, force_terminal=False)
@@ -66,13 +66,6 @@ def _print_reid(reports: dict) -> None:
     console.print(table)
 
 
-def load_synthetic_set(run: RunDirectory, name: str) -> tuple[np.ndarray, pd.DataFrame]:
-    folder = run.file("synthetic", name)
-    if not (folder / "images.npy").is_file():
-        raise FileNotFoundError(f"no synthetic set {name!r} at {folder}: the generate phase did not run")
-    return np.load(folder / "images.npy"), pd.read_csv(folder / "index.csv")
-
-
 def audit_set(federation: Federation, run: RunDirectory, name: str) -> dict:
     """Every hospital audits synthetic set ``name``; pool: an image is non-anonymous if any hospital flags it."""
     images, index = load_synthetic_set(run, name)
@@ -92,7 +85,7 @@ def audit_set(federation: Federation, run: RunDirectory, name: str) -> dict:
         if len(scores) != total or len(flags) != total or len(matched) != total:
             raise RuntimeError(f"{site} returned {len(scores)} scores for {total} synthetic images")
         flags_any |= flags
-        links[site] = {t for t, f in zip(matched, flags, strict=True) if f}
+        links[site] = linked_patients(matched, flags)
         forget[site] = sorted(reply.content["tokens"]["forget"])
         metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
         # Recomputed from the flags and tokens themselves; the hospital's own counts must agree.

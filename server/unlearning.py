@@ -13,20 +13,17 @@ from functools import partial
 import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from rich.console import Console
 
 from fl_unlearn.checkpoint import load_checkpoint, save_checkpoint
 from fl_unlearn.models.diffusion import build_unet, sampling_scheduler
-from fl_unlearn.pipeline import SamplerConfig, generate_images
+from fl_unlearn.pipeline import generate_images
 from fl_unlearn.privacy.metrics import unlearning_summary
 from fl_unlearn.runs import RunDirectory
 from fl_unlearn.unlearning import saliency_mask
 from server.federation import Federation
-from server.generative import load_generator, load_latent_stats, save_synthetic_set
-from server.privacy import audit_set, load_synthetic_set
+from server.generative import load_latent_stats, load_vae, sampler_config, save_synthetic_set
+from server.privacy import audit_set
 from server.rounds import fedavg_rounds
-
-console = Console(width=140, force_terminal=False)
 
 
 def _salun_mask(federation: Federation, run: RunDirectory, theta0: dict, latent_config: dict) -> dict:
@@ -73,12 +70,12 @@ def unlearn_method(method: str, federation: Federation, run: RunDirectory) -> di
     cost = {"seconds": round(sum(r["seconds"] for r in history), 1),
             "hospital_steps": int(sum(m.get("steps", 0) for r in history for m in r["hospitals"].values()))}
 
-    vae, _, _ = load_generator(run)
+    vae = load_vae(run)
     unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
     unet.load_state_dict(result["global"])
-    _, index = load_synthetic_set(run, "original")
-    sampler = SamplerConfig(steps=cfg.sample_steps, eta=cfg.sample_eta, guidance_scale=cfg.guidance_scale,
-                            batch_size=cfg.sample_batch_size)
+    # The original set's labels and seeds: image i after unlearning is paired with image i before.
+    index = pd.read_csv(run.file("synthetic", "original", "index.csv"))
+    sampler = sampler_config(cfg)
     labels, seeds = index["label"].to_numpy(), index["seed"].to_numpy()
     images = generate_images(vae, unet.eval(), sampling_scheduler(cfg.noise_schedule), stats, labels, seeds, sampler)
     save_synthetic_set(run, method, images, labels, seeds, sampler)

@@ -100,6 +100,20 @@ def preview_grid(cohort: Cohort, *, patients: int = 6, visits: int = 6, pad: int
     return grid
 
 
+def tile_rows(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+    """uint8 grid of image rows (each ``[n_i, H, W]``) on white, ``pad`` white pixels between tiles."""
+    size = max((r.shape[1] for r in rows if len(r)), default=0)
+    if not size:
+        raise DataError("no images to tile")
+    step = size + pad
+    columns = max(len(r) for r in rows)
+    grid = np.full((len(rows) * step - pad, columns * step - pad), 255, dtype=np.uint8)
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            grid[r * step: r * step + size, c * step: c * step + size] = image
+    return grid
+
+
 def save_png(image: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     path = Path(path)
     picture = Image.fromarray(image)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import matplotlib
 
@@ -12,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from fl_unlearn.io import write_bytes_atomic
+from fl_unlearn.data.inspect import tile_rows
 
 #: The paper's Table 1 (4,000 synthetic images), drawn on the plot for comparison.
 PAPER_TABLE1 = {
@@ -81,16 +80,4 @@ def privacy_utility_plot(rows: list[dict], fid_name: str) -> bytes:
 
 def before_after_grid(before: np.ndarray, after: dict[str, np.ndarray], count: int = 8, pad: int = 2) -> np.ndarray:
     """Rows: Original then each method, columns: the same seeds, so image i is comparable down a column."""
-    size = before.shape[1]
-    rows = [before[:count], *(images[:count] for images in after.values())]
-    height = len(rows) * (size + pad) - pad
-    width = count * (size + pad) - pad
-    grid = np.full((height, width), 255, np.uint8)
-    for r, images in enumerate(rows):
-        for c, image in enumerate(images):
-            grid[r * (size + pad): r * (size + pad) + size, c * (size + pad): c * (size + pad) + size] = image
-    return grid
-
-
-def save_plot(path: Path, data: bytes) -> None:
-    write_bytes_atomic(path, data)
+    return tile_rows([before[:count], *(images[:count] for images in after.values())], pad)

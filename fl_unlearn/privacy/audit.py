@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fl_unlearn.data.inspect import tile_rows
 from fl_unlearn.errors import ConfigError, DataError
 from fl_unlearn.io import write_bytes_atomic
 from fl_unlearn.models.reid import RetrievalNet, VerificationNet
@@ -120,7 +121,7 @@ class FalsePositiveControl:
     calibration_images: int
 
 
-def false_positive_control(retrieval: VerificationNet | RetrievalNet, verification: VerificationNet,
+def false_positive_control(retrieval: RetrievalNet, verification: VerificationNet,
                            unseen: np.ndarray, unseen_patients: np.ndarray, reference: np.ndarray,
                            reference_embeddings: np.ndarray, config: AuditConfig, *,
                            degrade: Degrade | None, seed: int = 0) -> FalsePositiveControl:
@@ -210,6 +211,16 @@ class ForgetSplit:
         return sorted(set(self.linked) | set(self.requested))
 
 
+def check_requested(requested: Iterable, known: Collection) -> list[str]:
+    """The requested patient ids as sorted strings; one that is not in ``known`` is an error naming it."""
+    known_ids = {str(p) for p in known}
+    requested_ids = sorted({str(p) for p in requested})
+    unknown = [p for p in requested_ids if p not in known_ids]
+    if unknown:
+        raise DataError(f"deletion request names patient(s) this hospital does not hold: {', '.join(unknown)}")
+    return requested_ids
+
+
 def forget_remain(training_rows: pd.DataFrame, linked: Iterable, requested: Iterable = (),
                   known: Collection | None = None) -> ForgetSplit:
     """Split the generative model's training rows into D_f / D_r.
@@ -219,11 +230,8 @@ def forget_remain(training_rows: pd.DataFrame, linked: Iterable, requested: Iter
     naming it. A requested patient who is known but never trained the model adds no images.
     """
     ids = training_rows["patient"].astype(str)
-    known_ids = set(ids) if known is None else {str(p) for p in known}
-    linked_ids, requested_ids = sorted({str(p) for p in linked}), sorted({str(p) for p in requested})
-    unknown = [p for p in requested_ids if p not in known_ids]
-    if unknown:
-        raise DataError(f"deletion request names patient(s) this hospital does not hold: {', '.join(unknown)}")
+    requested_ids = check_requested(requested, set(ids) if known is None else known)
+    linked_ids = sorted({str(p) for p in linked})
     stray = [p for p in linked_ids if p not in set(ids)]
     if stray:
         raise DataError(f"audit linked patient(s) outside the training rows: {', '.join(stray)}")
@@ -239,10 +247,4 @@ def pairs_grid(synthetic: np.ndarray, real: np.ndarray, scores: np.ndarray, max_
     order = np.argsort(-scores)[:max_pairs]
     if not len(order):
         raise DataError("no flagged pairs to draw")
-    size = synthetic.shape[1]
-    tiles = np.full((2 * size + pad, len(order) * (size + pad) - pad), 255, np.uint8)
-    for col, i in enumerate(order):
-        x = col * (size + pad)
-        tiles[:size, x: x + size] = synthetic[i]
-        tiles[size + pad:, x: x + size] = real[i]
-    return tiles
+    return tile_rows([synthetic[order], real[order]], pad)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -51,10 +51,6 @@ def _params(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in unet.parameters() if p.requires_grad]
 
 
-def _backward(loss: torch.Tensor) -> None:
-    loss.backward()
-
-
 def _remain_loss(unet: UNet2DModel, scheduler: DDPMScheduler, remain: Batch | None,
                  gen: torch.Generator) -> torch.Tensor:
     """L_DM on the remain batch; 0 at a hospital whose every patient is to be forgotten."""
@@ -67,7 +63,7 @@ def _remain_loss(unet: UNet2DModel, scheduler: DDPMScheduler, remain: Batch | No
 def finetune_remain(unet, theta0, scheduler, forget, remain, gen, config: UnlearnConfig) -> dict:
     """Naive deletion: the diffusion loss on D_r only (forget batch ignored)."""
     loss = _remain_loss(unet, scheduler, remain, gen)
-    _backward(loss)
+    loss.backward()
     return {"remain": float(loss.detach())}
 
 
@@ -75,10 +71,10 @@ def gradient_ascent(unet, theta0, scheduler, forget, remain, gen, config: Unlear
     """GA / NegGrad: −L_DM(D_f) + L_DM(D_r). Unbounded: expected to collapse, kept as a reference row."""
     remain_loss = _remain_loss(unet, scheduler, remain, gen)
     if forget is None:
-        _backward(remain_loss)
+        remain_loss.backward()
         return {"remain": float(remain_loss.detach())}
     forget_loss = _remain_loss(unet, scheduler, forget, gen)
-    _backward(remain_loss - config.forget_weight * forget_loss)
+    (remain_loss - config.forget_weight * forget_loss).backward()
     return {"remain": float(remain_loss.detach()), "forget": float(forget_loss.detach())}
 
 
@@ -99,10 +95,10 @@ def kl_away(unet, theta0, scheduler, forget, remain, gen, config: UnlearnConfig)
     """
     remain_loss = _remain_loss(unet, scheduler, remain, gen)
     if forget is None:
-        _backward(remain_loss)
+        remain_loss.backward()
         return {"remain": float(remain_loss.detach())}
     divergence = kl_away_divergence(unet, theta0, scheduler, forget, gen)
-    _backward(remain_loss - config.forget_weight * torch.clamp(divergence, max=config.kl_cap))
+    (remain_loss - config.forget_weight * torch.clamp(divergence, max=config.kl_cap)).backward()
     return {"remain": float(remain_loss.detach()), "divergence": float(divergence.detach())}
 
 
@@ -133,10 +129,11 @@ def siss(unet, theta0, scheduler, forget, remain, gen, config: UnlearnConfig) ->
     """
     if forget is None:
         return finetune_remain(unet, theta0, scheduler, None, remain, gen, config)
-    if remain is None:  # nothing to pair with: the λ = 1 limit, norm-fixed gradient ascent on D_f
-        remain = forget
-        config = replace(config, siss_lambda=1.0)
-    (za, ya), (zx, yx) = forget, remain
+    # A hospital whose every patient is forgotten has no remain data to pair with: then the mixture is
+    # the forget sample alone (the λ = 1 limit) and only the norm-fixed NegGrad term acts.
+    has_remain = remain is not None
+    (za, ya), (zx, yx) = forget, remain if has_remain else forget
+    lam = config.siss_lambda if has_remain else 1.0
     if zx.shape != za.shape or not torch.equal(ya, yx):
         raise ValueError("SISS needs class-matched forget/remain pairs: the same label at each position")
     steps = scheduler.config.num_train_timesteps
@@ -145,23 +142,26 @@ def siss(unet, theta0, scheduler, forget, remain, gen, config: UnlearnConfig) ->
     alphas = scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
     gamma, sigma = alphas.sqrt(), (1 - alphas).sqrt()
     xt, at = gamma * zx + sigma * eps, gamma * za + sigma * eps
-    pick_a = (torch.rand(len(za), generator=gen) < config.siss_lambda).view(-1, 1, 1, 1)
+    pick_a = (torch.rand(len(za), generator=gen) < lam).view(-1, 1, 1, 1)
     m = torch.where(pick_a, at, xt)
-    w_x, w_a = siss_weights(m, gamma * zx, gamma * za, sigma.view(-1), config.siss_lambda)
+    w_x, w_a = siss_weights(m, gamma * zx, gamma * za, sigma.view(-1), lam)
     pred = unet(m, t, class_labels=ya).sample.float()
     loss_x = (w_x * ((pred - (m - gamma * zx) / sigma) ** 2).flatten(1).mean(1)).mean()
     loss_a = (w_a * ((pred - (m - gamma * za) / sigma) ** 2).flatten(1).mean(1)).mean()
     params = _params(unet)
-    g_x = torch.autograd.grad(loss_x, params, retain_graph=True, allow_unused=True)
-    g_a = torch.autograd.grad(loss_a, params, allow_unused=True)
-    g_x = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_x, strict=True)]
-    g_a = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_a, strict=True)]
+
+    def grads(loss: torch.Tensor, retain: bool) -> list[torch.Tensor]:
+        found = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found, strict=True)]
+
+    g_x = grads(loss_x, retain=True) if has_remain else [torch.zeros_like(p) for p in params]
+    g_a = grads(loss_a, retain=False)
     norm_a = torch.sqrt(sum((g.float() ** 2).sum() for g in g_a))
     scale = config.siss_scaling_norm / norm_a if norm_a > 0 else torch.tensor(0.0)
-    keep_x = 0.0 if remain is forget else 1.0
     for p, gx, ga in zip(params, g_x, g_a, strict=True):
-        p.grad = keep_x * gx - scale * ga
-    return {"remain": float(loss_x.detach()), "forget": float(loss_a.detach()), "forget_grad_norm": float(norm_a)}
+        p.grad = gx - scale * ga
+    return {"remain": float(loss_x.detach()) if has_remain else 0.0, "forget": float(loss_a.detach()),
+            "forget_grad_norm": float(norm_a)}
 
 
 Method = Callable[..., dict]
