@@ -24,14 +24,20 @@ def main(grid: Grid, context: Context) -> None:
     print(f"[fl-unlearn] run directory: {run.path}", flush=True)
     federation = Federation(grid, config)
     federation.wait_for_nodes()
+    phases = phases_for(config)
+    changed_from = run.rerun_from([name for name, _ in phases])
+    if changed_from:
+        print(f"[fl-unlearn] settings changed since the run was made ({', '.join(sorted(run.changed))}): "
+              f"running again from {changed_from}", flush=True)
     rerun = False
-    for name, phase in phases_for(config):
+    for name, phase in phases:
         # setup always runs: it learns which node is which hospital. Completed phases are skipped on resume,
         # until one phase runs again: every phase after it consumes its output, so they run again too.
+        rerun = rerun or name == changed_from
         if name != "setup" and not rerun and run.phase_status(name) == "completed":
             print(f"[fl-unlearn] {name}: completed earlier, skipped", flush=True)
             continue
-        started = run.start_phase(name)
+        started = run.start_phase(name, fresh=name == changed_from)
         try:
             details = phase(federation, run) or {}
         except Exception as exc:

@@ -39,6 +39,27 @@ def test_resume_accepts_a_key_added_later_only_at_its_default():
 
     stored = RunConfig().to_run_config()
     del stored["catalog-method"]  # a run made before the key existed
-    check_same_run(stored, RunConfig(resume_from="/runs/old"))
-    with pytest.raises(ConfigError, match="catalog-method"):
-        check_same_run(stored, RunConfig(resume_from="/runs/old", catalog_method="original"))
+    assert check_same_run(stored, RunConfig(resume_from="/runs/old")) == {}
+    # not at its default, it changes what the phase it belongs to would do: that phase runs again
+    assert check_same_run(stored, RunConfig(resume_from="/runs/old", catalog_method="original")) == \
+        {"catalog-method": "evaluate"}
+
+
+def test_resume_maps_each_changed_setting_to_the_first_phase_it_affects():
+    from fl_unlearn.runs import check_same_run, phase_of_setting
+
+    stored = RunConfig().to_run_config()
+    changed = check_same_run(stored, RunConfig(resume_from="/r", reid_rounds=9, kl_cap=2.0, vae_lr=1e-3))
+    assert changed == {"reid-rounds": "train-reid", "kl-cap": "unlearn-", "vae-lr": "train-vae"}
+    assert phase_of_setting("ldm-patients") == "" and phase_of_setting("ldm-lr") == "train-ldm"
+    assert phase_of_setting("seed") == "" and phase_of_setting("catalog-method") == "evaluate"
+    # every setting is either fixed or owned by a phase that exists
+    from server.phases import phases_for
+
+    names = [n for n, _ in phases_for(RunConfig())]
+    for key in stored:
+        phase = phase_of_setting(key)
+        assert not phase or any(n == phase or n.startswith(phase) for n in names if phase.endswith("-")) \
+            or phase in names, key
+    with pytest.raises(ConfigError, match="seed"):
+        check_same_run(stored, RunConfig(resume_from="/r", seed=1))

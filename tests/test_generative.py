@@ -229,8 +229,27 @@ def test_resume_continues_an_interrupted_phase_from_its_last_round(finished_run,
         torch.testing.assert_close(resumed[key], original[key], rtol=0, atol=0)
 
 
+def test_resume_with_changed_later_settings_reruns_from_the_phase_they_affect(finished_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run.run_dir, copy)
+    grid = run_server(finished_run.replace(resume_from=str(copy), reid_local_steps=finished_run.reid_local_steps + 1))
+    phases = [m.content["config"]["phase"] for m in grid.sent if m.metadata.message_type == "train"]
+    assert phases[0] == "train-reid" and not {"train-vae", "train-ldm"} & set(phases)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["run_config"]["reid-local-steps"] == \
+        finished_run.reid_local_steps + 1
+    assert manifest["resumed"][-1]["changed"] == {
+        "reid-local-steps": [finished_run.reid_local_steps, finished_run.reid_local_steps + 1]}
+    for name in ("vae", "unet"):  # the generative model is kept, byte for byte
+        assert (copy / "checkpoints" / f"{name}.safetensors").read_bytes() == \
+            (finished_run.run_dir / "checkpoints" / f"{name}.safetensors").read_bytes()
+
+
 def test_resume_from_a_run_of_another_config_is_refused(finished_run):
     from fl_unlearn.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="another configuration.*ldm-rounds"):
-        run_server(finished_run.replace(resume_from=str(finished_run.run_dir), ldm_rounds=7))
+    with pytest.raises(ConfigError, match="another configuration.*phantom-patients.*start a new run"):
+        run_server(finished_run.replace(resume_from=str(finished_run.run_dir),
+                                        phantom_patients=finished_run.phantom_patients + 1))
