@@ -64,10 +64,6 @@ def load_latent_cache(hospital: Hospital) -> tuple[np.ndarray, np.ndarray]:
         return data["latents"], data["labels"]
 
 
-def _optimizer_path(hospital: Hospital, round_: int):
-    return hospital.work_dir / f"ldm-optimizer-round{round_}.pt"
-
-
 def ldm_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[State, dict]:
     """Local ε-prediction steps on this hospital's cached, standardised latents.
 
@@ -81,15 +77,12 @@ def ldm_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[S
     stats = LatentStats(tuple(config["latent-mean"]), tuple(config["latent-std"]))
     unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
     unet.load_state_dict(state)
-    previous = _optimizer_path(hospital, rnd - 1)
-    optimizer_state = torch.load(previous, weights_only=True) if rnd > 1 and previous.is_file() else None
+    optimizer_state = hospital.optimizer_state("ldm", rnd - 1)
     result = train_ldm(unet, train_scheduler(cfg.noise_schedule), stats.normalize(latents).numpy(), labels,
                        LDMTrainConfig(steps=cfg.ldm_local_steps, batch_size=cfg.ldm_batch_size, lr=cfg.ldm_lr,
                                       loss=cfg.ldm_loss, label_dropout=cfg.ldm_label_dropout, bf16=cfg.bf16,
                                       seed=derived_seed(cfg.seed, "ldm", rnd, hospital.index)),
                        optimizer_state=optimizer_state)
-    with atomic_path(_optimizer_path(hospital, rnd)) as tmp:
-        torch.save(result["optimizer_state"], tmp)
-    _optimizer_path(hospital, rnd - 2).unlink(missing_ok=True)  # a resumed round needs only the one before it
+    hospital.keep_optimizer_state("ldm", rnd, result["optimizer_state"])
     return unet.state_dict(), {"num-examples": len(latents), "loss": result["loss"], "seconds": result["seconds"],
                                "fresh-optimizer": int(rnd > 1 and optimizer_state is None)}

@@ -7,12 +7,14 @@ from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
+import torch
 from flwr.app import Context
 
 from fl_unlearn.config import RunConfig
 from fl_unlearn.data.partition import HospitalSplit, hospital_name
 from fl_unlearn.data.sources import Cohort, hospital_split, load_federation
 from fl_unlearn.errors import ConfigError
+from fl_unlearn.io import atomic_path
 
 
 @dataclass
@@ -34,6 +36,17 @@ class Hospital:
         path = self.config.run_dir / "hospitals" / self.name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def optimizer_state(self, model: str, round_: int) -> dict | None:
+        """The optimizer state this hospital kept after ``round_`` of training ``model`` (None if there is none)."""
+        path = self.work_dir / f"{model}-optimizer-round{round_}.pt"
+        return torch.load(path, weights_only=True) if round_ >= 1 and path.is_file() else None
+
+    def keep_optimizer_state(self, model: str, round_: int, state: dict) -> None:
+        """Keep ``state`` for the next round (never sent); a resumed round needs only the one before it."""
+        with atomic_path(self.work_dir / f"{model}-optimizer-round{round_}.pt") as tmp:
+            torch.save(state, tmp)
+        (self.work_dir / f"{model}-optimizer-round{round_ - 2}.pt").unlink(missing_ok=True)
 
     @cached_property
     def split(self) -> HospitalSplit:

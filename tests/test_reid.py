@@ -158,6 +158,38 @@ def test_same_seed_gives_identical_weights(kind, tmp_path):
     assert any(not torch.equal(first[key], other[key]) for key in first if first[key].is_floating_point())
 
 
+@pytest.mark.parametrize("total", [1, 7, 40, 400])
+def test_one_cycle_is_torchs_one_cycle(total):
+    from fl_unlearn.training.reid import one_cycle
+
+    optimiser = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=total, pct_start=0.15)
+    expected = []
+    for _ in range(total):
+        expected.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        schedule.step()
+    np.testing.assert_allclose([1e-3 * one_cycle(i, total) for i in range(total)], expected, rtol=1e-9)
+
+
+def test_rounds_continue_one_schedule_and_adams_moments(tmp_path):
+    """Two calls of 3 steps placed at 0 and 3 of a 6-step cycle: the second continues the first's Adam state
+    and learning rates, as FedAvg rounds of one hospital do."""
+    pixels, patient = _tiny(tmp_path)
+    torch.manual_seed(0)
+    halves = VerificationNet(SMALL)
+    first = train_verification(halves, pixels, patient, steps=3, batch_size=8, seed=1, total_steps=6)
+    first_lr = [g["lr"] for g in first["optimizer_state"]["param_groups"]]
+    second = train_verification(halves, pixels, patient, steps=3, batch_size=8, seed=1, start_step=3, total_steps=6,
+                                optimizer_state=first["optimizer_state"])
+    assert second["optimizer_state"]["state"][0]["step"] == 6  # Adam's bias correction continued
+    from fl_unlearn.training.reid import one_cycle
+
+    assert first_lr == [pytest.approx(1e-3 * one_cycle(2, 6))]
+    with pytest.raises(ConfigError, match="fit in the schedule"):
+        train_verification(halves, pixels, patient, steps=3, batch_size=8, start_step=4, total_steps=6)
+
+
 def test_training_reduces_both_losses(trained):
     for kind, history in trained["history"].items():
         losses = np.asarray(history["loss"])

@@ -138,26 +138,49 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _fit(model: nn.Module, *, steps: int, lr: float, seed: int, batch_loss: Callable[[], torch.Tensor]) -> dict:
-    """The loop both trainers share: Adam under a one-cycle schedule, one ``batch_loss()`` per step."""
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
+def one_cycle(step: int, total: int, *, pct_start: float = 0.15, div: float = 25.0, final_div: float = 1e4) -> float:
+    """The learning-rate factor of torch's ``OneCycleLR`` (cosine, its defaults) at ``step`` of ``total``.
+
+    Written out so that FedAvg rounds can continue one schedule: round r's local steps are steps
+    ``(r-1)·k … r·k-1`` of a cycle over all rounds, not a fresh warm-up and anneal every round.
+    """
+    warm = float(pct_start * total) - 1
+    def cos(a: float, b: float, frac: float) -> float:
+        return b + (a - b) / 2.0 * (np.cos(np.pi * frac) + 1)
+    if step <= warm:
+        return cos(1 / div, 1.0, step / warm) if warm > 0 else 1.0
+    return cos(1.0, 1 / (div * final_div), (step - warm) / max(total - 1 - warm, 1e-12))
+
+
+def _fit(model: nn.Module, *, steps: int, lr: float, seed: int, batch_loss: Callable[[], torch.Tensor],
+         start_step: int = 0, total_steps: int | None = None, optimizer_state: dict | None = None) -> dict:
+    """The loop both trainers share: Adam under a one-cycle schedule, one ``batch_loss()`` per step.
+
+    ``start_step``/``total_steps`` place these steps inside a longer schedule and ``optimizer_state``
+    continues Adam's moments from an earlier call (a hospital's previous FedAvg round).
+    """
+    total = steps if total_steps is None else total_steps
+    if steps < 1 or not 0 <= start_step <= total - steps:
+        raise ConfigError(f"steps must be >= 1 and fit in the schedule: steps {steps}, start {start_step}, total {total}")
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.15)
+    if optimizer_state is not None:
+        optimiser.load_state_dict(optimizer_state)
     history: list[float] = []
     start = time.perf_counter()
     was_training = model.training
     model.train()
     with _seeded(seed, _device(model)):
-        for _ in range(steps):
+        for i in range(steps):
+            for group in optimiser.param_groups:
+                group["lr"] = lr * one_cycle(start_step + i, total)
             loss = batch_loss()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            schedule.step()
             history.append(float(loss.detach()))
     model.train(was_training)
-    return {"loss": history, "steps": steps, "seconds": time.perf_counter() - start}
+    return {"loss": history, "steps": steps, "seconds": time.perf_counter() - start,
+            "optimizer_state": optimiser.state_dict()}
 
 
 @contextlib.contextmanager
@@ -183,6 +206,9 @@ def train_retrieval(
     seed: int = 0,
     degrade: Degrade | None = None,
     memory_size: int = 256,
+    start_step: int = 0,
+    total_steps: int | None = None,
+    optimizer_state: dict | None = None,
 ) -> dict:
     """Train ``model`` in place with a contrastive loss (positive margin 0, negative margin 1) over the
     batch and a cross-batch memory of the last ``memory_size`` embeddings.
@@ -224,7 +250,8 @@ def train_retrieval(
         )
         return loss_fn(model.embed(x), labels[batch_rows].to(_device(model)))
 
-    return _fit(model, steps=steps, lr=lr, seed=seed, batch_loss=batch_loss)
+    return _fit(model, steps=steps, lr=lr, seed=seed, batch_loss=batch_loss, start_step=start_step,
+                total_steps=total_steps, optimizer_state=optimizer_state)
 
 
 def _same_patient_pairs(rng: np.random.Generator, codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -257,6 +284,9 @@ def train_verification(
     lr: float = 1e-3,
     seed: int = 0,
     degrade: Degrade | None = None,
+    start_step: int = 0,
+    total_steps: int | None = None,
+    optimizer_state: dict | None = None,
 ) -> dict:
     """Train ``model`` in place with balanced BCE on same- and different-patient pairs.
 
@@ -299,7 +329,8 @@ def train_verification(
         negative_loss = (1 - _HARDEST_SHARE) * bce[~same].mean() + _HARDEST_SHARE * F.softplus(hardest).mean()
         return 0.5 * bce[same].mean() + 0.5 * negative_loss
 
-    return _fit(model, steps=steps, lr=lr, seed=seed, batch_loss=batch_loss)
+    return _fit(model, steps=steps, lr=lr, seed=seed, batch_loss=batch_loss, start_step=start_step,
+                total_steps=total_steps, optimizer_state=optimizer_state)
 
 
 def _batched(
@@ -416,16 +447,26 @@ def calibrate_threshold(negative_scores: np.ndarray | Sequence[float], target_fp
 
 
 def train_reid(nets: ReIDNetworks, images: np.ndarray, patients: Sequence | np.ndarray, *, steps: int,
-               batch_size: int = 64, lr: float = 1e-3, seed: int = 0, degrade: Degrade | None = None) -> dict:
-    """Train both networks of a hospital in place, ``steps`` each; returns their final losses and time."""
+               batch_size: int = 64, lr: float = 1e-3, seed: int = 0, degrade: Degrade | None = None,
+               start_step: int = 0, total_steps: int | None = None, optimizer_state: dict | None = None) -> dict:
+    """Train both networks of a hospital in place, ``steps`` each; returns their final losses and time.
+
+    ``optimizer_state`` (``{"retrieval": …, "verification": …}``, as returned) and ``start_step`` /
+    ``total_steps`` continue a schedule across FedAvg rounds (see ``one_cycle``).
+    """
+    state = optimizer_state or {}
+    schedule = {"start_step": start_step, "total_steps": total_steps}
     retrieval = train_retrieval(nets.retrieval, images, patients, steps=steps, batch_size=batch_size, lr=lr,
-                                seed=seed, degrade=degrade)
+                                seed=seed, degrade=degrade, optimizer_state=state.get("retrieval"), **schedule)
     verification = train_verification(nets.verification, images, patients, steps=steps, batch_size=batch_size,
-                                      lr=lr, seed=seed + 1, degrade=degrade)
+                                      lr=lr, seed=seed + 1, degrade=degrade,
+                                      optimizer_state=state.get("verification"), **schedule)
     tail = max(1, steps // 5)  # the last fifth: one step's loss is noisy
     return {"retrieval_loss": float(np.mean(retrieval["loss"][-tail:])),
             "verification_loss": float(np.mean(verification["loss"][-tail:])),
-            "seconds": retrieval["seconds"] + verification["seconds"]}
+            "seconds": retrieval["seconds"] + verification["seconds"],
+            "optimizer_state": {"retrieval": retrieval["optimizer_state"],
+                                "verification": verification["optimizer_state"]}}
 
 
 def evaluate_reid(nets: ReIDNetworks, images: np.ndarray, patients: Sequence | np.ndarray, *, pairs: int = 1000,
