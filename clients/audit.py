@@ -56,8 +56,30 @@ def _control(hospital: Hospital, nets, reference: np.ndarray, reference_embeddin
     return control
 
 
-def audit_synthetic(hospital: Hospital, synthetic: np.ndarray, set_name: str) -> tuple[dict, list[str], list[str], dict]:
-    """Audit ``synthetic`` here. Returns (arrays to send, matched tokens, forget-set tokens, metrics)."""
+def forget_patients_path(hospital: Hospital, forget_set: str):
+    """Where this hospital keeps a forget set: the original audit's, or one a method's closed loop grew."""
+    name = "forget-patients.json" if forget_set == ORIGINAL else f"forget-patients-{forget_set}.json"
+    return hospital.work_dir / name
+
+
+def read_forget_set(hospital: Hospital, forget_set: str) -> dict:
+    path = forget_patients_path(hospital, forget_set)
+    if not path.is_file():
+        raise FileNotFoundError(f"{hospital.name} has no forget set {forget_set!r} at {path}: "
+                                f"the audit that makes it did not run here")
+    return json.loads(path.read_text())
+
+
+def audit_synthetic(hospital: Hospital, synthetic: np.ndarray, set_name: str,
+                    grow: dict | None = None) -> tuple[dict, dict[str, list[str]], dict]:
+    """Audit ``synthetic`` here. Returns (arrays to send, salted tokens, metrics).
+
+    Tokens: ``matched`` (per image, "" where not flagged), and when a forget set is made or grown,
+    ``forget`` (its patients) and ``requested`` (those of them who asked to be forgotten).
+
+    The audit of the original set makes the forget set; ``grow`` (``{"forget-set": name, "grow-from":
+    set}``) adds the patients this audit links to forget set ``grow-from`` and keeps it as ``name``.
+    """
     cfg = hospital.config
     rows = hospital.split.ldm  # the generative model's training images: who can be memorized
     requested: list[str] = []
@@ -93,13 +115,20 @@ def audit_synthetic(hospital: Hospital, synthetic: np.ndarray, set_name: str) ->
                "control-images": control.images, "reference-images": len(rows),
                "reference-patients": int(rows["patient"].nunique()), "num-examples": len(synthetic)}
     forget_tokens: list[str] = []
-    if set_name == ORIGINAL:
-        split = forget_remain(rows, linked, requested, known=hospital.rows["patient"].astype(str))
-        write_text_atomic(hospital.work_dir / "forget.csv", split.forget.to_csv(index=False))
-        write_text_atomic(hospital.work_dir / "remain.csv", split.remain.to_csv(index=False))
-        write_json_atomic(hospital.work_dir / "forget-patients.json",
+    requested_tokens: list[str] = []
+    if set_name == ORIGINAL or grow:
+        forget_set, forget_linked = ORIGINAL if set_name == ORIGINAL else str(grow["forget-set"]), linked
+        if forget_set != ORIGINAL:
+            base = read_forget_set(hospital, str(grow["grow-from"]))
+            forget_linked, requested = sorted(set(base["linked"]) | set(linked)), base["requested"]
+        split = forget_remain(rows, forget_linked, requested, known=hospital.rows["patient"].astype(str))
+        suffix = "" if forget_set == ORIGINAL else f"-{forget_set}"
+        write_text_atomic(hospital.work_dir / f"forget{suffix}.csv", split.forget.to_csv(index=False))
+        write_text_atomic(hospital.work_dir / f"remain{suffix}.csv", split.remain.to_csv(index=False))
+        write_json_atomic(forget_patients_path(hospital, forget_set),
                           {"linked": split.linked, "requested": split.requested})
         forget_tokens = sorted(patient_token(secret, p) for p in split.patients)
+        requested_tokens = sorted(patient_token(secret, p) for p in split.requested)
         metrics.update({"forget-patients": len(split.patients), "forget-images": len(split.forget),
                         "remain-images": len(split.remain), "requested-patients": len(split.requested)})
         if len(split.forget) and len(split.remain):
@@ -107,4 +136,4 @@ def audit_synthetic(hospital: Hospital, synthetic: np.ndarray, set_name: str) ->
             es = entanglement_score(reference_embeddings[in_forget], reference_embeddings[~in_forget])
             metrics.update({"entanglement-es": es["es"], "entanglement-percent": es["percent"]})
     arrays = {"scores": result.scores.astype(np.float32), "flags": result.flags.astype(np.uint8)}
-    return arrays, tokens, forget_tokens, metrics
+    return arrays, {"matched": tokens, "forget": forget_tokens, "requested": requested_tokens}, metrics

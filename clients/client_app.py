@@ -81,11 +81,12 @@ def audit(msg: Message, context: Context) -> Message:
     """Audit the server's synthetic images against this hospital's patients; reply scores, flags, salted tokens."""
     hospital = Hospital.from_context(context)
     images = msg.content["synthetic"]["images"].numpy()
-    set_name = str(msg.content["config"]["set"])
-    arrays, tokens, forget_tokens, metrics = audit_synthetic(hospital, images, set_name)
+    config = msg.content["config"]
+    grow = {k: str(config[k]) for k in ("forget-set", "grow-from")} if "forget-set" in config else None
+    arrays, tokens, metrics = audit_synthetic(hospital, images, str(config["set"]), grow)
     return Message(RecordDict({
         "results": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "tokens": ConfigRecord({"matched": tokens, "forget": forget_tokens}),
+        "tokens": ConfigRecord(tokens),
         "metrics": MetricRecord(metrics),
     }), reply_to=msg)
 

@@ -7,12 +7,11 @@ remain set only, which keeps the model's utility anchored to the data everybody 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
+from clients.audit import read_forget_set
 from clients.generative import load_latent_cache
 from clients.hospital import Hospital
 from fl_unlearn.checkpoint import load_checkpoint, save_checkpoint
@@ -25,12 +24,9 @@ from fl_unlearn.unlearning import saliency_scores, unlearn
 State = dict[str, torch.Tensor]
 
 
-def forget_mask(hospital: Hospital) -> np.ndarray:
-    """Which cached LDM latents belong to the forget set (the cache follows ``split.ldm``'s row order)."""
-    path = hospital.work_dir / "forget-patients.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{hospital.name} has no forget set at {path}: the audit phase did not run here")
-    chosen = json.loads(path.read_text())
+def forget_mask(hospital: Hospital, forget_set: str) -> np.ndarray:
+    """Which cached LDM latents belong to ``forget_set`` (the cache follows ``split.ldm``'s row order)."""
+    chosen = read_forget_set(hospital, forget_set)
     patients = set(chosen["linked"]) | set(chosen["requested"])
     return hospital.split.ldm["patient"].astype(str).isin(patients).to_numpy()
 
@@ -38,7 +34,7 @@ def forget_mask(hospital: Hospital) -> np.ndarray:
 def _latents(hospital: Hospital, config: ConfigRecord) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     latents, labels = load_latent_cache(hospital)
     stats = LatentStats(tuple(config["latent-mean"]), tuple(config["latent-std"]))
-    mask = forget_mask(hospital)
+    mask = forget_mask(hospital, str(config["forget-set"]))
     if len(mask) != len(latents):
         raise RuntimeError(f"{hospital.name}: {len(latents)} cached latents but {len(mask)} LDM rows; re-run encode")
     return stats.normalize(latents).numpy(), labels, mask
@@ -78,8 +74,9 @@ def unlearn_round(hospital: Hospital, state: State, config: ConfigRecord,
         return unet.state_dict(), {"num-examples": int((~in_forget).sum()), "loss": result["loss"],
                                    "seconds": result["seconds"], "steps": cfg.ldm_local_steps}
     original = hospital.work_dir / "theta0.safetensors"
-    if rnd == 1:  # every method starts from θ0: keep it for KL-Away's frozen copy
-        save_checkpoint(original, state, {"source": "global LDM before unlearning"})
+    if int(config["cycle-round"]) == 1:  # every cycle starts from its θ0: keep it for KL-Away's frozen copy
+        save_checkpoint(original, state, {"source": "global LDM before this unlearning cycle",
+                                          "method": method, "cycle": int(config["cycle"])})
     if not original.is_file():
         raise FileNotFoundError(f"{hospital.name} has no θ0 at {original}: unlearning must start at round 1")
     theta0 = _unet(hospital, load_checkpoint(original)[0])

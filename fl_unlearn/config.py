@@ -95,6 +95,7 @@ class RunConfig:
     # unlearning: methods run one after another, each from θ0, then re-audited on the same seeds
     unlearn_methods: str = "kl-away,siss,salun-kl-away,ga,finetune-remain"  # add "retrain" for the gold standard
     unlearn_rounds: int = 3
+    unlearn_cycles: int = 1  # > 1: closed loop, audit → unlearn again with each hospital's grown forget set
     unlearn_local_steps: int = 20
     unlearn_batch_size: int = 32
     unlearn_lr: float = 1e-4
@@ -155,7 +156,7 @@ class RunConfig:
         self._check_choice("classifier-backbone", self.classifier_backbone, ("small-cnn", "resnet18", "densenet121"))
         for key in ("classifier-steps", "classifier-rounds", "classifier-local-steps"):
             self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
-        for key in ("unlearn-rounds", "unlearn-local-steps", "unlearn-batch-size"):
+        for key in ("unlearn-rounds", "unlearn-cycles", "unlearn-local-steps", "unlearn-batch-size"):
             self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
         _ = self.unlearning  # validates the method hyperparameters
         _ = self.methods  # validates the method names

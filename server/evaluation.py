@@ -67,20 +67,30 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
     fid_name = fid.STANDARD if inception else fid.DOMAIN
     test_features = inception(test_images) if inception else features(reference, test_images)
 
+    def utility(name: str) -> tuple:
+        images, index = load_synthetic_set(run, name)
+        result = utility_auc(images, index["label"].to_numpy(), test_images, test_labels,
+                             backbone=cfg.classifier_backbone,
+                             config=ClassifierTrainConfig(steps=cfg.classifier_steps, bf16=cfg.bf16,
+                                                          seed=derived_seed(cfg.seed, "utility", name)))
+        return images, {"auc": result["auc"], "auc_ci_low": result["ci_low"], "auc_ci_high": result["ci_high"]}
+
     rows = table_rows(run)
     sets, domain = {}, {}
     for row in rows:
-        images, index = load_synthetic_set(run, row["method"])
+        images, auc = utility(row["method"])
         sets[row["method"]] = images
         domain[row["method"]] = features(reference, images)
-        utility = utility_auc(images, index["label"].to_numpy(), test_images, test_labels,
-                              backbone=cfg.classifier_backbone,
-                              config=ClassifierTrainConfig(steps=cfg.classifier_steps, bf16=cfg.bf16,
-                                                           seed=derived_seed(cfg.seed, "utility", row["method"])))
-        row.update(auc=utility["auc"], auc_ci_low=utility["ci_low"], auc_ci_high=utility["ci_high"],
-                   fid=fid.frechet_distance(inception(images) if inception else domain[row["method"]], test_features),
-                   fid_images=len(images))
+        row.update(**auc, fid=fid.frechet_distance(inception(images) if inception else domain[row["method"]],
+                                                   test_features), fid_images=len(images))
         print(f"[fl-unlearn] evaluate {row['method']}: AUC {row['auc']:.3f}, {fid_name} {row['fid']:.1f}", flush=True)
+    # The closed loop: privacy and utility after every cycle (the last cycle's set is the method's row).
+    cycles: dict[str, list[dict]] = {}
+    for row in rows:
+        for entry in run.manifest["phases"].get(f"unlearn-{row['method']}", {}).get("cycles", []):
+            last = entry["set"] == row["method"]
+            auc = {k: row[k] for k in ("auc", "auc_ci_low", "auc_ci_high")} if last else utility(entry["set"])[1]
+            cycles.setdefault(row["method"], []).append({**entry, **auc})
     real = auc_with_ci(test_labels, predict(reference, test_images), seed=cfg.seed)
     rows.append({"method": "real", "auc": real["auc"], "auc_ci_low": real["ci_low"], "auc_ci_high": real["ci_high"]})
 
@@ -94,7 +104,7 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
     results = {"images": audits["original"]["images"], "test": {"images": len(test), "positives": int(test_labels.sum())},
                "fid": {"name": fid_name, "images": audits["original"]["images"], "reference": "real test set"},
                "threshold": audits["original"]["threshold"], "calibrated": audits["original"]["calibrated"],
-               "rows": rows, "hospitals": per_hospital, "entanglement": entanglement, "versions": library_versions()}
+               "rows": rows, "cycles": cycles, "hospitals": per_hospital, "entanglement": entanglement, "versions": library_versions()}
     results["catalog"] = _catalog(run, rows, sets, domain)
     report_dir = run.file("report")
     write_json_atomic(report_dir / "results.json", results)
@@ -153,6 +163,7 @@ def _report_markdown(run: RunDirectory, results: dict, fid_name: str, sets: list
              (f"Catalog: {results['catalog']['cases']} cases from `{results['catalog']['method']}` with the "
              f"{results['catalog']['removed']} images still flagged by a hospital removed; open "
              "[catalog/viewer.html](catalog/viewer.html) in a browser."), "",
+             *_cycles_markdown(results["cycles"]),
              "## Per hospital", "", "| method | hospital | Non-Anon | ODA % | PIR % | patients linked | control FP % |",
              "|---|---|---|---|---|---|---|"]
     for method, sites in results["hospitals"].items():
@@ -166,6 +177,19 @@ def _report_markdown(run: RunDirectory, results: dict, fid_name: str, sets: list
                      f"| {site} | – | – |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _cycles_markdown(cycles: dict) -> list[str]:
+    if not cycles:
+        return []
+    lines = ["## Closed loop: audit → unlearn with the grown forget set", "",
+             "UA and newly exposed are against the forget set that cycle unlearned (grown by the audit before it).",
+             "", "| method | cycle | forget patients | Non-Anon | PIR % | UA % | newly exposed | AUC |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, entries in cycles.items():
+        lines += [f"| {LABELS.get(method, method)} | {e['cycle']} | {e['forget_patients']} | {e['non_anon']} | "
+                  f"{e['pir']:.1f} | {e['ua']:.1f} | {e['newly_exposed']} | {e['auc']:.3f} |" for e in entries]
+    return [*lines, ""]
 
 
 def _print(rows: list[dict], fid_name: str, images: int) -> None:

@@ -17,6 +17,7 @@ from fl_unlearn.io import write_json_atomic, write_text_atomic
 from fl_unlearn.models.reid import ReIDNetworks
 from fl_unlearn.privacy.metrics import linked_patients, pooled_links, summary
 from fl_unlearn.runs import RunDirectory
+from server import ledger
 from server.federation import Federation
 from server.generative import load_synthetic_set
 from server.rounds import fedavg_rounds
@@ -66,17 +67,22 @@ def _print_reid(reports: dict) -> None:
     console.print(table)
 
 
-def audit_set(federation: Federation, run: RunDirectory, name: str) -> dict:
-    """Every hospital audits synthetic set ``name``; pool: an image is non-anonymous if any hospital flags it."""
+def audit_set(federation: Federation, run: RunDirectory, name: str, grow: dict | None = None) -> dict:
+    """Every hospital audits synthetic set ``name``; pool: an image is non-anonymous if any hospital flags it.
+
+    ``grow`` (``{"forget-set": method, "grow-from": set}``): each hospital also adds the patients it
+    links here to a forget set for the next unlearning cycle, and replies its tokens.
+    """
     images, index = load_synthetic_set(run, name)
-    content = RecordDict({"synthetic": ArrayRecord({"images": Array(images)}), "config": ConfigRecord({"set": name})})
+    content = RecordDict({"synthetic": ArrayRecord({"images": Array(images)}),
+                          "config": ConfigRecord({"set": name, **(grow or {})})})
     replies = federation.send_to_hospitals("query.audit", content)
     if replies.errors or replies.missing:
         raise RuntimeError(f"audit of {name!r}: hospitals failed: errors={replies.errors} missing={replies.missing}")
     total = len(images)
     table = index.copy()
     flags_any = np.zeros(total, dtype=bool)
-    hospitals, links, forget = {}, {}, {}
+    hospitals, links, forget, requested = {}, {}, {}, {}
     for h, reply in sorted(replies.ok.items()):
         site = hospital_name(h)
         scores = reply.content["results"]["scores"].numpy()
@@ -87,6 +93,7 @@ def audit_set(federation: Federation, run: RunDirectory, name: str) -> dict:
         flags_any |= flags
         links[site] = linked_patients(matched, flags)
         forget[site] = sorted(reply.content["tokens"]["forget"])
+        requested[site] = sorted(reply.content["tokens"]["requested"])
         metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
         # Recomputed from the flags and tokens themselves; the hospital's own counts must agree.
         hospitals[site] = {**metrics, **summary(total, flags, links[site])}
@@ -100,7 +107,8 @@ def audit_set(federation: Federation, run: RunDirectory, name: str) -> dict:
     result = {"set": name, "images": total, "overall": overall, "hospitals": hospitals,
               "threshold": {s: r["threshold"] for s, r in hospitals.items()},
               "calibrated": any(r["threshold-calibrated"] for r in hospitals.values()),
-              "linked_tokens": {s: sorted(t) for s, t in links.items()}, "forget_tokens": forget}
+              "linked_tokens": {s: sorted(t) for s, t in links.items()}, "forget_tokens": forget,
+              "requested_tokens": requested}
     write_json_atomic(run.file("audit", f"{name}.json"), result)
     write_text_atomic(run.file("audit", f"{name}.csv"), table.to_csv(index=False))
     _print_audit(name, result)
@@ -127,6 +135,7 @@ def _print_audit(name: str, result: dict) -> None:
 def audit(federation: Federation, run: RunDirectory) -> dict:
     """Audit the original model's synthetic set: Non-Anon, ODA, PIR, and each hospital's forget set."""
     result = audit_set(federation, run, "original")
+    ledger.record_forget_sets(run, "original", result)
     o = result["overall"]
     return {"non_anon": o["non_anon"], "oda": round(o["oda"], 2), "pir": round(o["pir"], 2),
             "patients_linked": o["patients_linked"], "control_rate_max": round(o["control_rate_max"], 4)}

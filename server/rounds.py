@@ -22,13 +22,14 @@ from server.federation import Federation
 
 def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, rounds: int,
                   initial: dict[str, torch.Tensor], checkpoint: Path, config: dict,
-                  ema_decay: float = 0.0, meta: dict | None = None, extra: dict[str, ArrayRecord] | None = None,
-                  on_round: Callable[[int, dict], None] | None = None) -> dict:
+                  ema_decay: float = 0.0, meta: dict | None = None,
+                  before_round: Callable[[int, dict], tuple[dict, dict[str, ArrayRecord]]] | None = None) -> dict:
     """Run ``rounds`` FedAvg rounds of message ``train`` with ``config['phase'] = phase``.
 
-    ``extra`` records travel with every round's message (e.g. a saliency mask). Returns the final
-    global state (``"global"``), the server-side EMA when ``ema_decay`` > 0
-    (``"ema"``), and per-round hospital metrics (``"history"``).
+    ``before_round(round, global_state)`` returns more config entries and records (e.g. a saliency
+    mask) for that round's message; it also runs for the first round after a resume. Returns the
+    final global state (``"global"``), the server-side EMA when ``ema_decay`` > 0 (``"ema"``), and
+    per-round hospital metrics (``"history"``).
     """
     start_round, state, ema = 1, initial, None
     done = run.manifest["phases"].get(phase, {}).get("round", 0)
@@ -41,9 +42,11 @@ def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, roun
     strategy = FedAvg(min_available_nodes=1, min_train_nodes=1)
     history = list(run.manifest["phases"].get(phase, {}).get("history", []))
     for rnd in range(start_round, rounds + 1):
+        more_config, extra = before_round(rnd, state) if before_round else ({}, {})
         t0 = time.perf_counter()
         content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state),
-                              "config": ConfigRecord({"phase": phase, "round": rnd, **config}), **(extra or {})})
+                              "config": ConfigRecord({"phase": phase, "round": rnd, **config, **more_config}),
+                              **extra})
         replies = federation.send_to_hospitals("train", content, group_id=f"{phase}-{rnd}")
         if replies.errors or replies.missing or not replies.ok:
             raise RuntimeError(f"{phase} round {rnd}: hospitals failed: errors={replies.errors} "
@@ -64,6 +67,4 @@ def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, roun
         run.save()
         losses = ", ".join(f"{h} {m['loss']:.4f} ({m['seconds']:.1f} s)" for h, m in per_hospital.items())
         print(f"[fl-unlearn] {phase} round {rnd}/{rounds}: {losses}; round {record['seconds']:.1f} s", flush=True)
-        if on_round:
-            on_round(rnd, state)
     return {"global": state, "ema": ema, "history": history}
