@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import Context, Message, RecordDict
 
@@ -71,9 +73,12 @@ def _leaks(msg: Message, size: int, patient_ids: set[str], run_dir: str) -> list
     return found
 
 
-def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(test_config):
+def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(test_config, monkeypatch, tmp_path):
+    cohort, plan = load_federation(test_config)
+    requester = str(min(plan.hospital_rows(cohort.table, 1)["patient"]))
+    (tmp_path / "requests.csv").write_text(f"hospital,patient\nhospital-1,{requester}\n")
+    test_config = test_config.replace(deletion_requests=str(tmp_path / "requests.csv"))
     run_config = test_config.to_run_config()
-    cohort, _ = load_federation(test_config)
     patient_ids = set(cohort.table["patient"].astype(str))
     replies: list[Message] = []
     grid = FakeGrid(client_app, run_config, num_nodes=3,
@@ -121,6 +126,65 @@ def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(tes
     # what each hospital keeps to itself
     work = test_config.run_dir / "hospitals" / "hospital-0"
     assert {"forget.csv", "remain.csv", "token-secret.bin", "reid.safetensors"} <= {p.name for p in work.iterdir()}
+
+    # the closed loop (the test preset runs 2 cycles): cycle 1's set is audited, each hospital adds the
+    # patients it links there to the forget set, and cycle 2 unlearns the grown set
+    assert test_config.unlearn_cycles == 2
+    looped = [m for m in test_config.methods if m != "retrain"]
+    assert set(results["cycles"]) == set(looped)
+    for method in looped:
+        cycles = manifest["phases"][f"unlearn-{method}"]["cycles"]
+        assert [(c["cycle"], c["set"]) for c in cycles] == [(1, f"{method}-cycle1"), (2, method)]
+        assert all(np.isfinite(e["auc"]) for e in results["cycles"][method])
+        sent = [m.content["config"] for m in grid.sent if m.metadata.message_type == "train"
+                and m.content["config"]["phase"] == f"unlearn-{method}"]
+        assert [(c["cycle"], c["forget-set"]) for c in sent][::3] == [(1, "original"), (2, method)]
+        for site in ("hospital-0", "hospital-1", "hospital-2"):
+            work = test_config.run_dir / "hospitals" / site
+            original = json.loads((work / "forget-patients.json").read_text())
+            grown = json.loads((work / f"forget-patients-{method}.json").read_text())
+            local = pd.read_csv(work / "audit" / f"{method}-cycle1.csv")
+            assert set(grown["linked"]) == set(original["linked"]) | set(local.loc[local["flagged"], "patient"].astype(str))
+
+    # the deletion ledger: the request and every finding opened, each reached a final state, chain intact
+    from fl_unlearn.ledger import Ledger, verify
+
+    report = verify(test_config.run_dir)
+    assert report["chain_ok"] and report["pending"] == [] and report["subjects"] >= 1
+    entries = Ledger(test_config.run_dir / "ledger.jsonl").entries()
+    requests = [e for e in entries if e["event"] == "request"]
+    assert [(e["hospital"], e["token"] == requester) for e in requests] == [("hospital-1", False)]  # salted
+    outcomes = {(e["method"], e["cycle"]) for e in entries if e["event"] in ("verified", "still-identified")
+                and e["token"] == requests[0]["token"]}
+    assert outcomes == {(m, c) for m in test_config.methods for c in (1, 2)}
+
+    # growing is a union with what each later audit links: here an audit that links the i-th LDM patient
+    from clients import audit as hospital_audit
+    from clients.hospital import Hospital
+    from fl_unlearn.privacy.audit import AuditResult
+
+    hospital = Hospital(0, test_config, cohort, plan.hospital_rows(cohort.table, 0))
+    ldm_patients = hospital.split.ldm["patient"].astype(str).to_numpy()
+
+    def linking(row: int):
+        def fake_audit(retrieval, verification, synthetic, reference, *, threshold, **_):
+            n = len(synthetic)
+            return AuditResult(scores=np.full(n, 0.9, np.float32), flags=np.arange(n) == 0,
+                               neighbours=np.full((n, 1), row), distances=np.zeros((n, 1), np.float32),
+                               threshold=threshold)
+        return fake_audit
+
+    synthetic = np.zeros((2, test_config.image_size, test_config.image_size), np.uint8)
+    base = set(json.loads((hospital.work_dir / "forget-patients.json").read_text())["linked"])
+    monkeypatch.setattr(hospital_audit, "audit", linking(0))
+    _, tokens, _ = hospital_audit.audit_synthetic(hospital, synthetic, "probe-cycle1",
+                                                     {"forget-set": "probe", "grow-from": "original"})
+    monkeypatch.setattr(hospital_audit, "audit", linking(len(ldm_patients) - 1))
+    hospital_audit.audit_synthetic(hospital, synthetic, "probe-cycle2", {"forget-set": "probe", "grow-from": "probe"})
+    grown = json.loads((hospital.work_dir / "forget-patients-probe.json").read_text())["linked"]
+    assert set(grown) == base | {ldm_patients[0], ldm_patients[-1]}
+    forget = tokens["forget"]
+    assert len(forget) == len(base | {ldm_patients[0]}) and not set(forget) & set(ldm_patients)  # salted, not ids
 
 
 def test_a_failing_hospital_fails_the_setup_phase_and_the_manifest_says_so(test_config, monkeypatch):
