@@ -8,11 +8,12 @@ from flwr.clientapp import ClientApp
 from clients import reid, unlearning
 from clients.audit import audit_synthetic
 from clients.classifier import classifier_round
+from clients.faults import inject_faults
 from clients.generative import encode_cache, ldm_round, vae_round
 from clients.hospital import Hospital
 from fl_unlearn.data.partition import describe_rows, patients_fingerprint
 
-app = ClientApp()
+app = ClientApp(mods=[inject_faults])
 
 #: Local training round of each federated phase: (hospital, global state, config) → (local state, metrics).
 TRAINERS = {"train-vae": vae_round, "train-ldm": ldm_round, "train-reid": reid.reid_round,

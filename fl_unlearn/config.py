@@ -113,6 +113,13 @@ class RunConfig:
     catalog_method: str = "auto"  # the set the catalog is built from; auto: fewest flagged at a utility near θ0's
     # continue an interrupted run: the folder of that run (its manifest decides what is skipped)
     resume_from: str = ""
+    # hospital failures: a phase goes on with the hospitals that answered, if at least min-hospitals did
+    min_hospitals: int = 1
+    reply_timeout_s: float = 0.0  # > 0: a hospital silent this long in a broadcast is counted as failed
+    # fault injection, for tests and drills: hospital fail-hospital fails in phase fail-phase ("" = none)
+    fail_hospital: int = -1
+    fail_phase: str = ""
+    fail_mode: str = "raise"  # raise (an error reply), exit (the process dies), hang (sleeps past the timeout)
 
     def __post_init__(self) -> None:
         self._check_choice("data-source", self.data_source, DATA_SOURCES)
@@ -133,7 +140,7 @@ class RunConfig:
         self._check_range("hospital-holdout-fraction", self.hospital_holdout_fraction, 0.0, 0.9)
         self._check_range("ldm-patients", self.ldm_patients, 0, None)
         for key in ("vae-rounds", "vae-local-steps", "ldm-rounds", "ldm-local-steps"):
-            self._check_range(key, getattr(self, key.replace("-", "_")), 0, None)
+            self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
         for key in ("vae-batch-size", "ldm-batch-size", "sample-batch-size", "vae-latent-channels",
                     "unet-layers-per-block", "sample-steps"):
             self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
@@ -141,7 +148,7 @@ class RunConfig:
             self._check_range(key, getattr(self, key.replace("-", "_")), 1e-12, 1.0)
         self._check_range("ldm-label-dropout", self.ldm_label_dropout, 0.0, 1.0)
         self._check_range("ldm-ema", self.ldm_ema, 0.0, 0.9999)
-        self._check_range("num-synthetic", self.num_synthetic, 0, None)
+        self._check_range("num-synthetic", self.num_synthetic, 1, None)
         self._check_range("sample-eta", self.sample_eta, 0.0, 1.0)
         self._check_range("guidance-scale", self.guidance_scale, 0.0, None)
         self._check_choice("ldm-loss", self.ldm_loss, ("l1", "l2"))
@@ -156,6 +163,9 @@ class RunConfig:
         self._check_choice("classifier-backbone", self.classifier_backbone, ("small-cnn", "resnet18", "densenet121"))
         for key in ("classifier-steps", "classifier-rounds", "classifier-local-steps"):
             self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
+        self._check_range("min-hospitals", self.min_hospitals, 1, self.num_hospitals)
+        self._check_range("reply-timeout-s", self.reply_timeout_s, 0.0, None)
+        self._check_choice("fail-mode", self.fail_mode, ("raise", "exit", "hang"))
         for key in ("unlearn-rounds", "unlearn-cycles", "unlearn-local-steps", "unlearn-batch-size"):
             self._check_range(key, getattr(self, key.replace("-", "_")), 1, None)
         _ = self.unlearning  # validates the method hyperparameters
@@ -164,7 +174,13 @@ class RunConfig:
             raise ConfigError(f"catalog-method = {self.catalog_method!r} must be 'auto', 'original' or one of the run's "
                               f"unlearn-methods {list(self.methods)}")
         vae_channels = self._channels("vae-channels", self.vae_channels)
-        self._channels("unet-channels", self.unet_channels)
+        unet_levels = len(self._channels("unet-channels", self.unet_channels)) - 1
+        latent = self.image_size // 2 ** (len(vae_channels) - 1)
+        if not self.image_size % 2 ** (len(vae_channels) - 1) and latent % 2 ** unet_levels:
+            raise ConfigError(
+                f"the {latent}×{latent} latents (image-size = {self.image_size}, vae-channels = '{self.vae_channels}') "
+                f"cannot be downsampled {unet_levels} times by the UNet (unet-channels = '{self.unet_channels}'); "
+                f"use an image-size whose latents are a multiple of {2 ** unet_levels}")
         if self.image_size % 2 ** (len(vae_channels) - 1):
             raise ConfigError(
                 f"image-size = {self.image_size} cannot be downsampled {len(vae_channels) - 1} times by the "

@@ -42,9 +42,9 @@ class RunDirectory:
         self.manifest_path = self.path / "manifest.json"
         #: Settings changed since the run was made, each with the first phase it affects (see ``rerun_from``).
         self.changed: dict[str, str] = {}
-        self.path.mkdir(parents=True, exist_ok=True)
         if config.resume_from and not self.manifest_path.is_file():
             raise ConfigError(f"resume-from = {config.resume_from!r} holds no manifest.json: not a run folder")
+        self.path.mkdir(parents=True, exist_ok=True)
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text())
             if config.resume_from:
@@ -110,7 +110,8 @@ class RunDirectory:
 
 
 #: Keys that may differ between an interrupted run and its resumption.
-RESUMABLE_KEYS = frozenset({"resume-from", "output-dir", "run-name", "wait-for-nodes-s"})
+RESUMABLE_KEYS = frozenset({"resume-from", "output-dir", "run-name", "wait-for-nodes-s", "min-hospitals",
+                            "reply-timeout-s", "fail-hospital", "fail-phase", "fail-mode"})
 
 
 #: The first phase each setting affects (by exact key or by prefix). Resuming with one of them changed

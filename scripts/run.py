@@ -68,11 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-hospital", type=int, default=1)
     parser.add_argument("--gpus-per-hospital", type=float, default=0.0)
     args = parser.parse_args(argv)
+    if args.gpus_per_hospital > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--gpus-per-hospital {args.gpus_per_hospital:g} needs a CUDA GPU; this machine has none "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
 
     from flwr.common.config import parse_config_args
 
     from fl_unlearn.config import PRESET_DIR, load_preset
     from fl_unlearn.errors import FlUnlearnError
+    from fl_unlearn.preflight import preflight
 
     preset = args.preset
     if preset and not Path(preset).suffix:
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides["output-dir"] = output_dir
     try:
         config = load_preset(preset, overrides)  # validate everything before anything starts
+        preflight(config)
     except FlUnlearnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -104,7 +104,7 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
     results = {"images": audits["original"]["images"], "test": {"images": len(test), "positives": int(test_labels.sum())},
                "fid": {"name": fid_name, "images": audits["original"]["images"], "reference": "real test set"},
                "threshold": audits["original"]["threshold"], "calibrated": audits["original"]["calibrated"],
-               "rows": rows, "cycles": cycles, "hospitals": per_hospital, "entanglement": entanglement, "versions": library_versions()}
+               "rows": rows, "cycles": cycles, "missed": run.manifest.get("missed", []), "hospitals": per_hospital, "entanglement": entanglement, "versions": library_versions()}
     results["catalog"] = _catalog(run, rows, sets, domain)
     report_dir = run.file("report")
     write_json_atomic(report_dir / "results.json", results)
@@ -163,7 +163,7 @@ def _report_markdown(run: RunDirectory, results: dict, fid_name: str, sets: list
              (f"Catalog: {results['catalog']['cases']} cases from `{results['catalog']['method']}` with the "
              f"{results['catalog']['removed']} images still flagged by a hospital removed; open "
              "[catalog/viewer.html](catalog/viewer.html) in a browser."), "",
-             *_cycles_markdown(results["cycles"]),
+             *_cycles_markdown(results["cycles"]), *_missed_markdown(results["missed"]),
              "## Per hospital", "", "| method | hospital | Non-Anon | ODA % | PIR % | patients linked | control FP % |",
              "|---|---|---|---|---|---|---|"]
     for method, sites in results["hospitals"].items():
@@ -177,6 +177,17 @@ def _report_markdown(run: RunDirectory, results: dict, fid_name: str, sets: list
                      f"| {site} | – | – |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _missed_markdown(missed: list[dict]) -> list[str]:
+    if not missed:
+        return []
+    lines = ["## Hospitals that missed a step", "",
+             ("The phase went on with the hospitals that answered; a hospital that missed an audit is audited "
+             "again at the next unlearning phase, and its forget set stays pending in the ledger until then."), "",
+             "| hospital | phase | step | error |", "|---|---|---|---|"]
+    lines += [f"| {m['hospital']} | {m['phase']} | {m['step']} | {m['error'].replace('|', '/')} |" for m in missed]
+    return [*lines, ""]
 
 
 def _cycles_markdown(cycles: dict) -> list[str]:

@@ -39,13 +39,11 @@ def encode(federation: Federation, run: RunDirectory) -> dict:
     """Each hospital encodes its LDM images once (posterior mean) into its own cache; the server pools moments."""
     vae_state, _ = load_checkpoint(run.file("checkpoints", "vae.safetensors"))
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict=vae_state), "config": ConfigRecord({})})
-    replies = federation.send_to_hospitals("query.encode", content)
-    if replies.errors or replies.missing:
-        raise RuntimeError(f"encode: hospitals failed: errors={replies.errors} missing={replies.missing}")
-    moments = [dict(m.content["moments"]) for _, m in sorted(replies.ok.items())]
+    ok = federation.usable(federation.send_to_hospitals("query.encode", content), "encode")
+    moments = [dict(m.content["moments"]) for _, m in sorted(ok.items())]
     stats = LatentStats.from_moments(moments)
     write_json_atomic(run.file("checkpoints", "latent_stats.json"), {"mean": stats.mean, "std": stats.std})
-    counts = {f"hospital-{h}": int(m.content["metrics"]["num-examples"]) for h, m in sorted(replies.ok.items())}
+    counts = {f"hospital-{h}": int(m.content["metrics"]["num-examples"]) for h, m in sorted(ok.items())}
     print(f"[fl-unlearn] encode: latents per hospital {counts}; channel std {np.round(stats.std, 3).tolist()}",
           flush=True)
     return {"latents": counts}

@@ -44,14 +44,23 @@ def record_forget_sets(run: RunDirectory, set_name: str, audit: dict, previous: 
 
 
 def record_cycle(run: RunDirectory, method: str, cycle: int, rounds: int, forget_audit: dict, after_set: str,
-                 after: dict) -> None:
-    """One unlearning cycle: ``applied`` for every subject of the forget set it unlearned, then the outcome."""
+                 after: dict, trained: set[str]) -> None:
+    """One unlearning cycle: ``applied`` for every subject of the forget set it unlearned at a hospital that
+    trained in it (``trained``; else ``missed``), then the re-audit's outcome (``missed`` if the hospital
+    did not answer it: the subject stays pending until a later re-audit)."""
     ledger = _ledger(run)
     for site, tokens in forget_audit["forget_tokens"].items():
+        for token in tokens:
+            if site in trained:
+                ledger.append("applied", site, token, method=method, cycle=cycle, rounds=rounds)
+            else:
+                ledger.append("missed", site, token, method=method, cycle=cycle, step="unlearning rounds")
+        if site not in after["hospitals"]:
+            for token in tokens:
+                ledger.append("missed", site, token, method=method, cycle=cycle, step=f"audit of {after_set}")
+            continue
         linked = set(after["linked_tokens"].get(site, []))
         scores = _scores(run, after_set, site)
-        for token in tokens:
-            ledger.append("applied", site, token, method=method, cycle=cycle, rounds=rounds)
         for token in tokens:
             if token in linked:
                 ledger.append("still-identified", site, token, method=method, cycle=cycle, set=after_set,

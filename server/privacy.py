@@ -39,11 +39,8 @@ def train_reid(federation: Federation, run: RunDirectory) -> dict:
                                checkpoint=run.file("checkpoints", "reid.safetensors"), config={},
                                meta={"backbone": cfg.reid_backbone})
         content["arrays"] = ArrayRecord(torch_state_dict=result["global"])
-    replies = federation.send_to_hospitals("evaluate", content)
-    if replies.errors or replies.missing:
-        raise RuntimeError(f"train-reid: hospitals failed to evaluate: errors={replies.errors} missing={replies.missing}")
-    reports = {hospital_name(h): {k: float(v) for k, v in m.content["metrics"].items()}
-               for h, m in sorted(replies.ok.items())}
+    ok = federation.usable(federation.send_to_hospitals("evaluate", content), "keep and evaluate")
+    reports = {hospital_name(h): {k: float(v) for k, v in m.content["metrics"].items()} for h, m in sorted(ok.items())}
     run.set("reid", {"backbone": cfg.reid_backbone, "federated": cfg.reid_federated, "hospitals": reports})
     _print_reid(reports)
     weak = [h for h, r in reports.items() if r["verification_auc"] < MIN_VERIFICATION_AUC]
@@ -77,13 +74,12 @@ def audit_set(federation: Federation, run: RunDirectory, name: str, grow: dict |
     content = RecordDict({"synthetic": ArrayRecord({"images": Array(images)}),
                           "config": ConfigRecord({"set": name, **(grow or {})})})
     replies = federation.send_to_hospitals("query.audit", content)
-    if replies.errors or replies.missing:
-        raise RuntimeError(f"audit of {name!r}: hospitals failed: errors={replies.errors} missing={replies.missing}")
+    ok = federation.usable(replies, f"audit of {name!r}")
     total = len(images)
     table = index.copy()
     flags_any = np.zeros(total, dtype=bool)
     hospitals, links, forget, requested = {}, {}, {}, {}
-    for h, reply in sorted(replies.ok.items()):
+    for h, reply in sorted(ok.items()):
         site = hospital_name(h)
         scores = reply.content["results"]["scores"].numpy()
         flags = reply.content["results"]["flags"].numpy().astype(bool)
@@ -108,7 +104,8 @@ def audit_set(federation: Federation, run: RunDirectory, name: str, grow: dict |
               "threshold": {s: r["threshold"] for s, r in hospitals.items()},
               "calibrated": any(r["threshold-calibrated"] for r in hospitals.values()),
               "linked_tokens": {s: sorted(t) for s, t in links.items()}, "forget_tokens": forget,
-              "requested_tokens": requested}
+              "requested_tokens": requested,
+              "missed": sorted(hospital_name(h) for h in [*replies.errors, *replies.missing])}
     write_json_atomic(run.file("audit", f"{name}.json"), result)
     write_text_atomic(run.file("audit", f"{name}.csv"), table.to_csv(index=False))
     _print_audit(name, result)

@@ -48,16 +48,15 @@ def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, roun
                               "config": ConfigRecord({"phase": phase, "round": rnd, **config, **more_config}),
                               **extra})
         replies = federation.send_to_hospitals("train", content, group_id=f"{phase}-{rnd}")
-        if replies.errors or replies.missing or not replies.ok:
-            raise RuntimeError(f"{phase} round {rnd}: hospitals failed: errors={replies.errors} "
-                               f"missing={replies.missing}")
-        arrays, _ = strategy.aggregate_train(rnd, list(replies.ok.values()))
+        ok = federation.usable(replies, f"round {rnd}")  # FedAvg over the hospitals that answered
+        arrays, _ = strategy.aggregate_train(rnd, list(ok.values()))
         state = arrays.to_torch_state_dict()
         if ema_decay > 0:
             ema = state if ema is None else {k: ema_decay * ema[k] + (1 - ema_decay) * v for k, v in state.items()}
         per_hospital = {f"hospital-{h}": {k: float(v) for k, v in m.content["metrics"].items()}
-                        for h, m in sorted(replies.ok.items())}
-        record = {"round": rnd, "seconds": round(time.perf_counter() - t0, 2), "hospitals": per_hospital}
+                        for h, m in sorted(ok.items())}
+        record = {"round": rnd, "seconds": round(time.perf_counter() - t0, 2), "hospitals": per_hospital,
+                  "missed": sorted(f"hospital-{h}" for h in [*replies.errors, *replies.missing])}
         history.append(record)
         save_checkpoint(checkpoint, state, {"phase": phase, "round": rnd, **(meta or {})})
         if ema is not None:

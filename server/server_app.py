@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_unlearn.config import RunConfig
+from fl_unlearn.preflight import preflight
 from fl_unlearn.runs import RunDirectory
 from server.federation import Federation
 from server.phases import phases_for
@@ -20,6 +21,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_run_config(context.run_config)
+    preflight(config)  # bad input fails here, before anything is written
     run = RunDirectory(config)
     print(f"[fl-unlearn] run directory: {run.path}", flush=True)
     federation = Federation(grid, config)
@@ -38,12 +40,16 @@ def main(grid: Grid, context: Context) -> None:
             print(f"[fl-unlearn] {name}: completed earlier, skipped", flush=True)
             continue
         started = run.start_phase(name, fresh=name == changed_from)
+        federation.phase, missed_before = name, len(federation.missed)
         try:
             details = phase(federation, run) or {}
         except Exception as exc:
             run.fail_phase(name, f"{type(exc).__name__}: {exc}")
             print(traceback.format_exc(), flush=True)
             raise
+        finally:
+            if len(federation.missed) > missed_before:  # which hospital missed what, kept across resumes
+                run.set("missed", [*run.manifest.get("missed", []), *federation.missed[missed_before:]])
         run.finish_phase(name, started, **details)
         rerun = rerun or name != "setup"
     run.finish()

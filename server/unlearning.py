@@ -33,11 +33,9 @@ def _salun_mask(federation: Federation, run: RunDirectory, start: dict, config: 
     the server keeps the global top ``saliency-fraction``."""
     cfg = run.config
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict=start), "config": ConfigRecord(config)})
-    replies = federation.send_to_hospitals("query.saliency", content)
-    if replies.errors or replies.missing:
-        raise RuntimeError(f"saliency: hospitals failed: errors={replies.errors} missing={replies.missing}")
+    ok = federation.usable(federation.send_to_hospitals("query.saliency", content), "saliency")
     total: dict[str, torch.Tensor] = {}
-    for _, reply in sorted(replies.ok.items()):
+    for _, reply in sorted(ok.items()):
         if "scores" in reply.content.array_records:
             for k, v in reply.content["scores"].to_torch_state_dict().items():
                 total[k] = total[k] + v if k in total else v.clone()
@@ -82,6 +80,12 @@ def unlearn_method(method: str, federation: Federation, run: RunDirectory) -> di
     the grown set starting from the current model (its θ0 for KL-Away and SalUn's mask).
     """
     cfg = run.config
+    original = _audit(run, "original")
+    if original.get("missed"):  # a hospital missed the audit: its requests and findings are retried here
+        print(f"[fl-unlearn] {method}: auditing the original set again for {', '.join(original['missed'])}, "
+              f"which missed it", flush=True)
+        ledger.record_forget_sets(run, "original", audit_set(federation, run, "original"), previous=original,
+                                  retry=method)
     theta0, _ = load_checkpoint(run.file("checkpoints", "unet.safetensors"))
     stats = load_latent_stats(run)
     latent_config = {"latent-mean": list(stats.mean), "latent-std": list(stats.std)}
@@ -120,7 +124,7 @@ def unlearn_method(method: str, federation: Federation, run: RunDirectory) -> di
     cost = {"seconds": round(sum(r["seconds"] for r in history), 1),
             "hospital_steps": int(sum(m.get("steps", 0) for r in history for m in r["hospitals"].values()))}
     after = _regenerate_and_audit(federation, run, result["global"], method)
-    _record_in_ledger(run, method, cycles, rounds)
+    _record_in_ledger(run, method, cycles, rounds, history)
     details = {**_row(run, after), "cost": cost}
     if cycles > 1:
         details["cycles"] = [_cycle_entry(run, method, c, cycles) for c in range(1, cycles + 1)]
@@ -131,13 +135,14 @@ def _audit(run: RunDirectory, name: str) -> dict:
     return json.loads(run.file("audit", f"{name}.json").read_text())
 
 
-def _record_in_ledger(run: RunDirectory, method: str, cycles: int, rounds: int) -> None:
+def _record_in_ledger(run: RunDirectory, method: str, cycles: int, rounds: int, history: list[dict]) -> None:
     """Per cycle: what it unlearned and the re-audit's outcome, then who that re-audit added to the forget set."""
     for cycle in range(1, cycles + 1):
         unlearned = _audit(run, "original" if cycle == 1 else cycle_set(method, cycle - 1, cycles))
         name = cycle_set(method, cycle, cycles)
         after = _audit(run, name)
-        ledger.record_cycle(run, method, cycle, rounds, unlearned, name, after)
+        trained = {site for r in history if (r["round"] - 1) // rounds + 1 == cycle for site in r["hospitals"]}
+        ledger.record_cycle(run, method, cycle, rounds, unlearned, name, after, trained)
         if cycle < cycles:
             ledger.record_forget_sets(run, name, after, previous=unlearned, method=method, cycle=cycle)
 

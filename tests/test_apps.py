@@ -231,3 +231,83 @@ def test_deletion_requests_join_the_forget_set_and_an_unknown_patient_is_named(t
                    Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     work = bad.run_dir / "hospitals" / "hospital-2"
     assert not (work / "forget.csv").exists() and not (work / "audit").exists()  # nothing half-written
+
+
+def _run(config, grid=None):
+    run_config = config.to_run_config()
+    grid = grid or FakeGrid(client_app, run_config, num_nodes=config.num_hospitals)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    return grid
+
+
+def test_a_hospital_that_misses_the_audit_is_left_out_then_audited_again(test_config, tmp_path):
+    """Hospital 2 fails the audit: the run finishes without it, the report names it, and the next
+    unlearning phase audits it again, so its deletion request is opened, applied and verified."""
+    from fl_unlearn.ledger import Ledger, verify
+
+    cohort, plan = load_federation(test_config)
+    requester = str(min(plan.hospital_rows(cohort.table, 2)["patient"]))
+    (tmp_path / "requests.csv").write_text(f"hospital,patient\nhospital-2,{requester}\n")
+    config = test_config.replace(fail_hospital=2, fail_phase="audit", unlearn_methods="kl-away,ga", unlearn_cycles=1,
+                                 deletion_requests=str(tmp_path / "requests.csv"))
+    _run(config)
+
+    manifest = json.loads((config.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert [(m["hospital"], m["phase"], m["step"]) for m in manifest["missed"]] == \
+        [("hospital-2", "audit", "audit of 'original'")]
+    assert "injected failure" in manifest["missed"][0]["error"]
+    audit = json.loads((config.run_dir / "audit" / "original.json").read_text())
+    assert set(audit["hospitals"]) == {"hospital-0", "hospital-1", "hospital-2"}  # audited again, complete now
+    entries = Ledger(config.run_dir / "ledger.jsonl").entries()
+    opened = [e for e in entries if e["event"] == "request"]
+    assert [(e["hospital"], e["retry"]) for e in opened] == [("hospital-2", "kl-away")]
+    assert verify(config.run_dir)["pending"] == []
+    assert "## Hospitals that missed a step" in (config.run_dir / "report.md").read_text()
+
+
+def test_a_hospital_that_fails_unlearning_rounds_is_left_out_of_fedavg(test_config, tmp_path):
+    cohort, plan = load_federation(test_config)
+    requester = str(min(plan.hospital_rows(cohort.table, 1)["patient"]))
+    (tmp_path / "requests.csv").write_text(f"hospital,patient\nhospital-1,{requester}\n")
+    config = test_config.replace(fail_hospital=1, fail_phase="unlearn-ga", unlearn_methods="ga,kl-away",
+                                 unlearn_cycles=1, deletion_requests=str(tmp_path / "requests.csv"))
+    _run(config)
+
+    manifest = json.loads((config.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    history = manifest["phases"]["unlearn-ga"]["history"]
+    assert all(set(r["hospitals"]) == {"hospital-0", "hospital-2"} and r["missed"] == ["hospital-1"] for r in history)
+    steps = {m["step"] for m in manifest["missed"] if m["phase"] == "unlearn-ga"}
+    assert steps == {"round 1", "audit of 'ga'"}
+    # its subjects were neither unlearned nor re-audited in ga; the kl-away phase then gave them an outcome
+    from fl_unlearn.ledger import Ledger, verify
+
+    ga = [e for e in Ledger(config.run_dir / "ledger.jsonl").entries()
+          if e.get("method") == "ga" and e["hospital"] == "hospital-1"]
+    assert {e["step"] for e in ga} == {"unlearning rounds", "audit of ga"} and all(e["event"] == "missed" for e in ga)
+    assert verify(config.run_dir)["pending"] == []
+
+
+def test_actor_died_errors_are_retried_once(test_config):
+    """After a simulated crash, a healthy hospital's message can fail with ActorDiedError: sent again, it works."""
+    from flwr.app import Error
+
+    from server.federation import Federation
+
+    class FlakyGrid(FakeGrid):
+        failed = False
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            ids = super().push_messages(messages)
+            if not FlakyGrid.failed:
+                FlakyGrid.failed = True
+                self._replies[ids[0]] = Message(Error(code=0, reason="ray.exceptions.ActorDiedError: the actor died"),
+                                                reply_to=messages[0])
+            return ids
+
+    grid = FlakyGrid(client_app, test_config.to_run_config(), num_nodes=3)
+    federation = Federation(grid, test_config)
+    replies = federation.send("query.describe", RecordDict())
+    assert len(replies["ok"]) == 3 and not replies["errors"] and len(grid.sent) == 4
