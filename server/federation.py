@@ -9,6 +9,7 @@ simulated hospital crashes, a healthy one's message can land on the dead actor (
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -105,10 +106,17 @@ class Federation:
         failed = {**replies.errors, **{h: f"no reply within {self.config.reply_timeout_s:g} s" for h in replies.missing}}
         for h, error in sorted(failed.items()):
             self.missed.append({"hospital": hospital_name(h), "phase": self.phase, "step": step,
-                                "error": error.strip().splitlines()[-1][:300] if error.strip() else "error"})
+                                "error": _headline(error)})
             print(f"[fl-unlearn] WARNING: {hospital_name(h)} failed in {self.phase} ({step}); going on without it: "
                   f"{self.missed[-1]['error']}", flush=True)
         if len(replies.ok) < self.config.min_hospitals:
             raise RuntimeError(f"{self.phase} ({step}): {len(replies.ok)} hospital(s) answered, fewer than "
                                f"min-hospitals = {self.config.min_hospitals}; failures: {failed}")
         return replies.ok
+
+
+def _headline(error: str) -> str:
+    """The exception line of an error reply (its reason holds a whole traceback), at most 300 characters."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    exception = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    return (exception[-1] if exception else lines[-1] if lines else "error")[:300]

@@ -180,8 +180,10 @@ def test_rounds_continue_one_schedule_and_adams_moments(tmp_path):
     halves = VerificationNet(SMALL)
     first = train_verification(halves, pixels, patient, steps=3, batch_size=8, seed=1, total_steps=6)
     first_lr = [g["lr"] for g in first["optimizer_state"]["param_groups"]]
+    torch.save(first["optimizer_state"], tmp_path / "kept.pt")  # a hospital keeps it on disk between rounds
+    kept = torch.load(tmp_path / "kept.pt", weights_only=True)
     second = train_verification(halves, pixels, patient, steps=3, batch_size=8, seed=1, start_step=3, total_steps=6,
-                                optimizer_state=first["optimizer_state"])
+                                optimizer_state=kept)
     assert second["optimizer_state"]["state"][0]["step"] == 6  # Adam's bias correction continued
     from fl_unlearn.training.reid import one_cycle
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -145,8 +146,8 @@ def one_cycle(step: int, total: int, *, pct_start: float = 0.15, div: float = 25
     ``(r-1)·k … r·k-1`` of a cycle over all rounds, not a fresh warm-up and anneal every round.
     """
     warm = float(pct_start * total) - 1
-    def cos(a: float, b: float, frac: float) -> float:
-        return b + (a - b) / 2.0 * (np.cos(np.pi * frac) + 1)
+    def cos(a: float, b: float, frac: float) -> float:  # a Python float: it lands in the optimizer's state dict
+        return b + (a - b) / 2.0 * (math.cos(math.pi * frac) + 1)
     if step <= warm:
         return cos(1 / div, 1.0, step / warm) if warm > 0 else 1.0
     return cos(1.0, 1 / (div * final_div), (step - warm) / max(total - 1 - warm, 1e-12))
