@@ -50,14 +50,22 @@ def test_hospital_index_from_simulation_or_deployment_node_config():
         hospital_index({}, 3)
 
 
-def _leaks(msg: Message, size: int, patient_ids: set[str], run_dir: str) -> list[str]:
-    """What in a hospital's reply would break the privacy rules: image-shaped arrays, raw ids, paths."""
+def _leaks(msg: Message, size: int, patient_ids: set[str], run_dir: str, real_images: set[bytes] = frozenset(),
+           *, from_hospital: bool = True) -> list[str]:
+    """What in a message would break the privacy rules: a real image (any array slice equal to one), raw ids,
+    paths; and in a hospital's reply, any image-shaped array at all (the server's messages carry synthetic
+    images, which are image-shaped by design)."""
     found = []
     content = msg.content
     for name, record in content.array_records.items():
         for key, array in record.items():
             if len(array.shape) >= 2 and tuple(array.shape[-2:]) == (size, size):
-                found.append(f"{name}.{key}: image-shaped array {array.shape}")
+                if from_hospital:
+                    found.append(f"{name}.{key}: image-shaped array {array.shape}")
+                pixels = array.numpy()
+                if pixels.dtype == np.uint8 and any(
+                        image.tobytes() in real_images for image in pixels.reshape(-1, size, size)):
+                    found.append(f"{name}.{key}: a real image")
     strings = []
     for name, record in content.config_records.items():
         for key, value in record.items():
@@ -80,16 +88,21 @@ def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(tes
     test_config = test_config.replace(deletion_requests=str(tmp_path / "requests.csv"))
     run_config = test_config.to_run_config()
     patient_ids = set(cohort.table["patient"].astype(str))
-    replies: list[Message] = []
-    grid = FakeGrid(client_app, run_config, num_nodes=3,
-                    intercept=lambda direction, msg: replies.append(msg) if direction == "client->server" else None)
+    real_images = {image.tobytes() for image in cohort.load_images(cohort.table)}
+    messages: list[tuple[str, Message]] = []
+    grid = FakeGrid(client_app, run_config, num_nodes=3, intercept=lambda direction, msg: messages.append((direction, msg)))
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
 
-    # privacy: every reply of every phase (train-reid and audit included) checked
+    # privacy: every message of every phase, both ways, checked
+    replies = [m for d, m in messages if d == "client->server"]
     types = {m.metadata.message_type for m in replies}
     assert {"train", "evaluate", "query.audit", "query.saliency"} <= types
-    leaks = [leak for m in replies for leak in _leaks(m, test_config.image_size, patient_ids, str(test_config.run_dir))]
+    leaks = [leak for direction, m in messages for leak in _leaks(
+        m, test_config.image_size, patient_ids, str(test_config.run_dir), real_images,
+        from_hospital=direction == "client->server")]
     assert not leaks, leaks
+    assert len(messages) == 2 * len(grid.sent)  # every message and every reply scanned
+    print(f"privacy scan: {len(messages)} messages ({len(grid.sent)} sent, {len(replies)} replies), 0 findings")
     audit_replies = [m for m in replies if m.metadata.message_type == "query.audit"]
     assert all(len(m.content["results"]["scores"].numpy()) == test_config.num_synthetic for m in audit_replies)
 
@@ -199,16 +212,20 @@ def test_a_failing_hospital_fails_the_setup_phase_and_the_manifest_says_so(test_
 
 
 def test_the_leak_check_catches_pixels_ids_and_paths():
-    import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    bad = Message(RecordDict({"a": ArrayRecord({"x": Array(np.zeros((2, 32, 32), np.uint8))}),
+    real = np.full((32, 32), 7, np.uint8)
+    bad = Message(RecordDict({"a": ArrayRecord({"x": Array(np.stack([np.zeros((32, 32), np.uint8), real]))}),
                               "c": ConfigRecord({"who": "P00003", "where": "/data/x.png"})}),
                   dst_node_id=1, message_type="query.audit")
 
-    leaks = _leaks(bad, 32, {"P00003"}, "/runs/x")
-
-    assert len(leaks) == 3
+    assert len(_leaks(bad, 32, {"P00003"}, "/runs/x", {real.tobytes()})) == 4  # shape, real image, id, path
+    # the server's messages may carry synthetic images, never a real one
+    assert _leaks(bad, 32, {"P00003"}, "/runs/x", {real.tobytes()}, from_hospital=False) == \
+        ["a.x: a real image", "raw patient id in 'P00003'", "file path '/data/x.png'"]
+    synthetic_only = Message(RecordDict({"a": ArrayRecord({"x": Array(np.zeros((2, 32, 32), np.uint8))})}),
+                             dst_node_id=1, message_type="query.audit")
+    assert _leaks(synthetic_only, 32, set(), "/runs/x", {real.tobytes()}, from_hospital=False) == []
 
 
 def test_deletion_requests_join_the_forget_set_and_an_unknown_patient_is_named(test_config, tmp_path):
