@@ -14,6 +14,7 @@ final status, and stops the SuperLink it started (by process group) — and noth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-hospital", type=int, default=1)
     parser.add_argument("--gpus-per-hospital", type=float, default=0.0)
     args = parser.parse_args(argv)
+    # Stop what we started on Ctrl-C or SIGTERM, also when started in the background (where a
+    # non-interactive shell makes SIGINT ignored): both unwind through the finally blocks below.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.gpus_per_hospital > 0:
         import torch
 
@@ -137,23 +142,45 @@ def stream_run(cmd: list[str], env: dict) -> str | None:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_id = None
     assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        match = re.search(r"Successfully started run (\d+)", line)
-        if match:
-            run_id = match.group(1)
-    proc.wait()
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            match = re.search(r"Successfully started run (\d+)", line)
+            if match:
+                run_id = match.group(1)
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: stop the client we started
+            proc.terminate()
+            proc.wait()
     return run_id if proc.returncode == 0 else None
 
 
 def stop(process: subprocess.Popen) -> None:
-    """Stop a process we started, with its children (its own session), and nothing else."""
+    """Stop a process we started, its group and every process below it, and nothing else.
+
+    The SuperLink starts the SuperExec in a session of its own, which starts the simulation and Ray:
+    killing the SuperLink's group alone would leave them behind.
+    """
+    import psutil
+
+    try:
+        below = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
     os.killpg(process.pid, signal.SIGTERM)
+    for child in below:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    _, alive = psutil.wait_procs(below, timeout=10)
+    for child in alive:  # psutil checks identity (pid and start time): never a reused pid
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def preset_values(preset: str | None) -> dict:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -49,3 +50,24 @@ def test_launcher_exits_non_zero_when_the_run_fails(tmp_path):
     )
     assert out.returncode != 0
     assert "finished:failed" in out.stdout + out.stderr
+
+
+def test_the_launcher_stops_everything_it_started_and_nothing_else():
+    """A process tree like the SuperLink's (a child in a session of its own, with a child of its own)."""
+    sys.path.insert(0, str(ROOT))
+    from scripts.run import stop
+
+    bystander = subprocess.Popen(["sleep", "60"])
+    tree = subprocess.Popen(["bash", "-c", "setsid bash -c 'sleep 60 & wait' & wait"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(psutil.Process(tree.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    below = psutil.Process(tree.pid).children(recursive=True)
+    assert len(below) == 2 and os.getsid(below[0].pid) != os.getsid(tree.pid)  # out of the group kill's reach
+
+    stop(tree)
+
+    assert not [p for p in below if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert bystander.poll() is None
+    bystander.kill()
+    bystander.wait()
