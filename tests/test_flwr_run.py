@@ -71,3 +71,17 @@ def test_the_launcher_stops_everything_it_started_and_nothing_else():
     assert bystander.poll() is None
     bystander.kill()
     bystander.wait()
+
+
+@pytest.mark.timeout(300)
+def test_the_benchmark_script_runs_and_writes_its_schema(tmp_path):
+    out = subprocess.run([sys.executable, "scripts/bench.py", "--tiny", "--out", str(tmp_path),
+                          "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=280,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"machine", "versions", "targets", "compute", "audit", "memory"} <= set(results)
+    assert {"vae_fp32", "vae_bf16", "unet_fp32", "unet_bf16", "matmul_gflops"} <= set(results["compute"])
+    assert [r["real"] for r in results["audit"]["rows"]] == [100, 1000]
+    assert results["memory"]["peak_rss_mb"] > 0
+    assert "| measure | value | target | met |" in (tmp_path / "results.md").read_text()
