@@ -35,11 +35,13 @@ def main(grid: Grid, context: Context) -> None:
     for name, phase in phases:
         # setup always runs: it learns which node is which hospital. Completed phases are skipped on resume,
         # until one phase runs again: every phase after it consumes its output, so they run again too.
-        rerun = rerun or name == changed_from
+        # A phase whose inputs changed starts from scratch, even if an earlier session left it half done.
+        fresh = rerun or name == changed_from
+        rerun = fresh
         if name != "setup" and not rerun and run.phase_status(name) == "completed":
             print(f"[fl-unlearn] {name}: completed earlier, skipped", flush=True)
             continue
-        started = run.start_phase(name, fresh=name == changed_from)
+        started = run.start_phase(name, fresh=fresh and name != "setup")
         federation.phase, missed_before = name, len(federation.missed)
         try:
             details = phase(federation, run) or {}

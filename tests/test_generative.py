@@ -234,9 +234,17 @@ def test_resume_with_changed_later_settings_reruns_from_the_phase_they_affect(fi
 
     copy = tmp_path / "copy"
     shutil.copytree(finished_run.run_dir, copy)
+    # as if an earlier session had been interrupted in the first unlearning phase: it must not resume there,
+    # since its inputs (the re-ID networks, hence the forget sets) change
+    first = f"unlearn-{finished_run.methods[0]}"
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["phases"][first].update(status="running", round=1)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     grid = run_server(finished_run.replace(resume_from=str(copy), reid_local_steps=finished_run.reid_local_steps + 1))
-    phases = [m.content["config"]["phase"] for m in grid.sent if m.metadata.message_type == "train"]
+    trained = [m.content["config"] for m in grid.sent if m.metadata.message_type == "train"]
+    phases = [c["phase"] for c in trained]
     assert phases[0] == "train-reid" and not {"train-vae", "train-ldm"} & set(phases)
+    assert next(c["round"] for c in trained if c["phase"] == first) == 1
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["run_config"]["reid-local-steps"] == \
         finished_run.reid_local_steps + 1
