@@ -37,6 +37,7 @@ from fl_unlearn.training.classifier import ClassifierTrainConfig, features, pred
 from fl_unlearn.training.common import derived_seed
 from server.federation import Federation
 from server.generative import load_synthetic_set
+from server.privacy import control_summary
 from server.rounds import fedavg_rounds
 from server.unlearning import table_rows
 
@@ -104,6 +105,7 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
     results = {"images": audits["original"]["images"], "test": {"images": len(test), "positives": int(test_labels.sum())},
                "fid": {"name": fid_name, "images": audits["original"]["images"], "reference": "real test set"},
                "threshold": audits["original"]["threshold"], "calibrated": audits["original"]["calibrated"],
+               "control": control_summary(audits["original"]["hospitals"]),
                "rows": rows, "cycles": cycles, "missed": run.manifest.get("missed", []), "hospitals": per_hospital, "entanglement": entanglement, "versions": library_versions()}
     results["catalog"] = _catalog(run, rows, sets, domain)
     report_dir = run.file("report")
@@ -144,6 +146,7 @@ def _catalog(run: RunDirectory, rows: list[dict], sets: dict, embeddings: dict) 
 
 def _report_markdown(run: RunDirectory, results: dict, fid_name: str, sets: list[str]) -> str:
     cfg = run.config
+    c = results["control"]
     lines = [f"# fl-unlearn report: run `{cfg.run_name}`", "",
              (f"{cfg.num_hospitals} hospitals, data `{cfg.data_source}` at {cfg.image_size}×{cfg.image_size}; "
              f"{results['images']} synthetic images (balanced by class), regenerated on the same seeds after each "
@@ -151,7 +154,9 @@ def _report_markdown(run: RunDirectory, results: dict, fid_name: str, sets: list
              (f"- Threshold: {'calibrated per hospital' if results['calibrated'] else 'fixed'} "
              f"({', '.join(f'{s} {t:.3f}' for s, t in results['threshold'].items())})."),
              ("- control FP %: unseen patients' images passed through the autoencoder, flagged by the audit "
-             "(the highest rate over hospitals)."),
+             "(the highest rate over hospitals). Pooled over the federation: "
+             f"{c['flagged']} of {c['images']} ({100 * c['rate']:.1f}%, Wilson 95% CI "
+             f"{100 * c['ci_low']:.1f}–{100 * c['ci_high']:.1f}%)."),
              f"- FID column: **{fid_name}** on {results['fid']['images']} images against the real test set"
              + ("" if fid_name == fid.STANDARD else
                 " (the reference classifier's penultimate features, not Inception: not comparable with published FID)")

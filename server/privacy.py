@@ -15,7 +15,7 @@ from rich.table import Table
 from fl_unlearn.data.partition import hospital_name
 from fl_unlearn.io import write_json_atomic, write_text_atomic
 from fl_unlearn.models.reid import ReIDNetworks
-from fl_unlearn.privacy.metrics import linked_patients, pooled_links, summary
+from fl_unlearn.privacy.metrics import linked_patients, pooled_control, pooled_links, summary
 from fl_unlearn.runs import RunDirectory
 from server import ledger
 from server.federation import Federation
@@ -99,7 +99,8 @@ def audit_set(federation: Federation, run: RunDirectory, name: str, grow: dict |
         table[f"{site}-score"], table[f"{site}-flagged"], table[f"{site}-token"] = scores, flags, matched
     table["non_anonymous"] = flags_any
     overall = summary(total, flags_any, pooled_links(links))
-    overall["control_rate_max"] = max(r["control-rate"] for r in hospitals.values())
+    control = control_summary(hospitals)
+    overall.update(control_rate_max=control["rate_max"], control=control)
     result = {"set": name, "images": total, "overall": overall, "hospitals": hospitals,
               "threshold": {s: r["threshold"] for s, r in hospitals.items()},
               "calibrated": any(r["threshold-calibrated"] for r in hospitals.values()),
@@ -112,6 +113,12 @@ def audit_set(federation: Federation, run: RunDirectory, name: str, grow: dict |
     return result
 
 
+def control_summary(hospitals: dict) -> dict:
+    """The pooled false-positive control of an audit from its per-hospital rates and image counts."""
+    return pooled_control({s: (round(r["control-rate"] * r["control-images"]), int(r["control-images"]))
+                           for s, r in hospitals.items()})
+
+
 def _print_audit(name: str, result: dict) -> None:
     kind = "calibrated per hospital" if result["calibrated"] else "fixed"
     table = Table(title=f"Audit of synthetic set '{name}' ({result['images']} images; threshold {kind})")
@@ -122,10 +129,13 @@ def _print_audit(name: str, result: dict) -> None:
         forget = (f"{r['forget-patients']:.0f} / {r['forget-images']:.0f}" if "forget-patients" in r else "–")
         ent = f"{r['entanglement-percent']:.1f}" if "entanglement-percent" in r else "–"
         table.add_row(site, str(r["non_anon"]), f"{r['oda']:.1f}", f"{r['pir']:.1f}", str(r["patients_linked"]),
-                      forget, f"{r['threshold']:.3f}", f"{100 * r['control-rate']:.1f}", f"{r['pixel-copies']:.0f}", ent)
+                      forget, f"{r['threshold']:.3f}",
+                      f"{round(r['control-rate'] * r['control-images'])}/{r['control-images']:.0f} "
+                      f"({100 * r['control-rate']:.1f})", f"{r['pixel-copies']:.0f}", ent)
     o = result["overall"]
     table.add_row("federation", str(o["non_anon"]), f"{o['oda']:.1f}", f"{o['pir']:.1f}", str(o["patients_linked"]),
-                  "", "", f"≤ {100 * o['control_rate_max']:.1f}", "", "")
+                  "", "", f"{o['control']['flagged']}/{o['control']['images']} ({100 * o['control']['rate']:.1f}; "
+                  f"CI {100 * o['control']['ci_low']:.1f}–{100 * o['control']['ci_high']:.1f})", "", "")
     console.print(table)
 
 
@@ -135,4 +145,5 @@ def audit(federation: Federation, run: RunDirectory) -> dict:
     ledger.record_forget_sets(run, "original", result)
     o = result["overall"]
     return {"non_anon": o["non_anon"], "oda": round(o["oda"], 2), "pir": round(o["pir"], 2),
-            "patients_linked": o["patients_linked"], "control_rate_max": round(o["control_rate_max"], 4)}
+            "patients_linked": o["patients_linked"], "control_rate_max": round(o["control_rate_max"], 4),
+            "control": o["control"]}

@@ -93,3 +93,14 @@ def test_entanglement_is_low_for_separated_sets_and_high_for_mixed_ones():
     assert entanglement_score(f, r)["es"] == pytest.approx(4 * (1 + 1) / 100)
     with pytest.raises(DataError, match="non-empty"):
         entanglement_score(np.empty((0, 2)), r)
+
+
+def test_pooled_control_counts_images_over_hospitals_with_a_wilson_interval():
+    from fl_unlearn.privacy.metrics import pooled_control
+
+    control = pooled_control({"hospital-0": (0, 39), "hospital-1": (1, 40), "hospital-2": (2, 33)})
+
+    assert (control["flagged"], control["images"]) == (3, 112)
+    assert control["rate"] == pytest.approx(3 / 112) and control["rate_max"] == pytest.approx(2 / 33)
+    assert control["ci_low"] == pytest.approx(0.0092, abs=1e-4) and control["ci_high"] == pytest.approx(0.0758, abs=1e-4)
+    assert pooled_control({})["images"] == 0
