@@ -23,11 +23,12 @@ from server.federation import Federation
 def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, rounds: int,
                   initial: dict[str, torch.Tensor], checkpoint: Path, config: dict,
                   ema_decay: float = 0.0, meta: dict | None = None,
-                  before_round: Callable[[int, dict], tuple[dict, dict[str, ArrayRecord]]] | None = None) -> dict:
+                  before_round: Callable[[int, dict], tuple[dict, dict[str, ArrayRecord]] | None] | None = None) -> dict:
     """Run ``rounds`` FedAvg rounds of message ``train`` with ``config['phase'] = phase``.
 
     ``before_round(round, global_state)`` returns more config entries and records (e.g. a saliency
-    mask) for that round's message; it also runs for the first round after a resume. Returns the
+    mask) for that round's message, or None to end the rounds there; it also runs for the first
+    round after a resume. Returns the
     final global state (``"global"``), the server-side EMA when ``ema_decay`` > 0 (``"ema"``), and
     per-round hospital metrics (``"history"``).
     """
@@ -42,7 +43,10 @@ def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, roun
     strategy = FedAvg(min_available_nodes=1, min_train_nodes=1)
     history = list(run.manifest["phases"].get(phase, {}).get("history", []))
     for rnd in range(start_round, rounds + 1):
-        more_config, extra = before_round(rnd, state) if before_round else ({}, {})
+        hook = before_round(rnd, state) if before_round else ({}, {})
+        if hook is None:  # the caller ends the rounds early
+            break
+        more_config, extra = hook
         t0 = time.perf_counter()
         content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state),
                               "config": ConfigRecord({"phase": phase, "round": rnd, **config, **more_config}),

@@ -102,8 +102,14 @@ def unlearn_method(method: str, federation: Federation, run: RunDirectory) -> di
         cycle += 1
         forget_set = "original" if cycle == 1 else method
         if position == 0 and cycle > 1:  # close the previous cycle (again, after a resume: it is deterministic)
-            _regenerate_and_audit(federation, run, state, cycle_set(method, cycle - 1, cycles),
-                                  grow={"forget-set": method, "grow-from": "original" if cycle == 2 else method})
+            before = _audit(run, "original" if cycle == 2 else cycle_set(method, cycle - 2, cycles))
+            after = _regenerate_and_audit(federation, run, state, cycle_set(method, cycle - 1, cycles),
+                                          grow={"forget-set": method, "grow-from": "original" if cycle == 2 else method})
+            if _forget_pairs(after) <= _forget_pairs(before):
+                # Nobody new was exposed: another cycle would unlearn the same patients again from a model
+                # that already forgot them, which on the cpu run re-exposed others (KL-Away: 2 → 22 images).
+                print(f"[fl-unlearn] {method}: cycle {cycle - 1} exposed nobody new; the closed loop stops", flush=True)
+                return None
         config = {"cycle": cycle, "cycle-round": position + 1, "forget-set": forget_set}
         if method == "salun-kl-away":
             path = run.file("checkpoints", f"salun-mask-cycle{cycle}.safetensors")
@@ -121,12 +127,13 @@ def unlearn_method(method: str, federation: Federation, run: RunDirectory) -> di
                            config={"method": method, **latent_config}, meta={"method": method},
                            before_round=before_round)
     history = result["history"]
+    cycles = -(-len(history) // rounds)  # the cycles that ran: the loop stops when nobody new is exposed
     cost = {"seconds": round(sum(r["seconds"] for r in history), 1),
             "hospital_steps": int(sum(m.get("steps", 0) for r in history for m in r["hospitals"].values()))}
     after = _regenerate_and_audit(federation, run, result["global"], method)
     _record_in_ledger(run, method, cycles, rounds, history)
     details = {**_row(run, after), "cost": cost}
-    if cycles > 1:
+    if cfg.unlearn_cycles > 1 and method != "retrain":
         details["cycles"] = [_cycle_entry(run, method, c, cycles) for c in range(1, cycles + 1)]
     return details
 

@@ -146,18 +146,22 @@ def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(tes
     looped = [m for m in test_config.methods if m != "retrain"]
     assert set(results["cycles"]) == set(looped)
     for method in looped:
-        cycles = manifest["phases"][f"unlearn-{method}"]["cycles"]
-        assert [(c["cycle"], c["set"]) for c in cycles] == [(1, f"{method}-cycle1"), (2, method)]
-        assert all(np.isfinite(e["auc"]) for e in results["cycles"][method])
-        sent = [m.content["config"] for m in grid.sent if m.metadata.message_type == "train"
-                and m.content["config"]["phase"] == f"unlearn-{method}"]
-        assert [(c["cycle"], c["forget-set"]) for c in sent][::3] == [(1, "original"), (2, method)]
+        grew = False
         for site in ("hospital-0", "hospital-1", "hospital-2"):
             work = test_config.run_dir / "hospitals" / site
             original = json.loads((work / "forget-patients.json").read_text())
             grown = json.loads((work / f"forget-patients-{method}.json").read_text())
             local = pd.read_csv(work / "audit" / f"{method}-cycle1.csv")
             assert set(grown["linked"]) == set(original["linked"]) | set(local.loc[local["flagged"], "patient"].astype(str))
+            grew |= set(grown["linked"]) != set(original["linked"])
+        # a second cycle runs only if the first exposed somebody new (else it would unlearn the same set again)
+        expected = [(1, f"{method}-cycle1"), (2, method)] if grew else [(1, method)]
+        cycles = manifest["phases"][f"unlearn-{method}"]["cycles"]
+        assert [(c["cycle"], c["set"]) for c in cycles] == expected
+        assert all(np.isfinite(e["auc"]) for e in results["cycles"][method])
+        sent = [m.content["config"] for m in grid.sent if m.metadata.message_type == "train"
+                and m.content["config"]["phase"] == f"unlearn-{method}"]
+        assert [(c["cycle"], c["forget-set"]) for c in sent][::3] == [(1, "original"), (2, method)][:len(expected)]
 
     # the deletion ledger: the request and every finding opened, each reached a final state, chain intact
     from fl_unlearn.ledger import Ledger, verify
@@ -169,7 +173,8 @@ def test_server_runs_every_phase_and_no_hospital_message_leaks_images_or_ids(tes
     assert [(e["hospital"], e["token"] == requester) for e in requests] == [("hospital-1", False)]  # salted
     outcomes = {(e["method"], e["cycle"]) for e in entries if e["event"] in ("verified", "still-identified")
                 and e["token"] == requests[0]["token"]}
-    assert outcomes == {(m, c) for m in test_config.methods for c in (1, 2)}
+    ran = {m: len(manifest["phases"][f"unlearn-{m}"].get("cycles", [1])) for m in test_config.methods}
+    assert outcomes == {(m, c) for m, n in ran.items() for c in range(1, n + 1)}
 
     # growing is a union with what each later audit links: here an audit that links the i-th LDM patient
     from clients import audit as hospital_audit
