@@ -41,11 +41,12 @@ def test_flwr_run_test_preset_completes_and_writes_the_manifest(tmp_path):
 
 
 def test_launcher_exits_non_zero_when_the_run_fails(tmp_path):
-    # num-hospitals larger than the cohort fails inside the ServerApp: flwr run itself would exit 0.
+    # A hospital failing the setup phase fails the run inside the ServerApp: flwr run itself would exit 0.
+    # (Bad settings never get that far: the launcher's preflight refuses them with exit status 2.)
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "run.py"), "--preset", "test", "--output-dir", str(tmp_path / "runs"),
          "--flwr-home", str(tmp_path / "flwr-home"),
-         "--run-config", f"cache-dir='{tmp_path / 'cache'}' phantom-patients=2"],
+         "--run-config", f"cache-dir='{tmp_path / 'cache'}' fail-hospital=0 fail-phase='setup'"],
         check=False, capture_output=True, text=True, timeout=580,
     )
     assert out.returncode != 0
