@@ -12,7 +12,7 @@ from flwr.app import Context, Message, RecordDict
 from clients.client_app import app as client_app
 from clients.hospital import hospital_index
 from fl_unlearn.data.sources import load_federation
-from fl_unlearn.errors import ConfigError
+from fl_unlearn.errors import ConfigError, DataError
 from server.server_app import app as server_app
 from tests.fake_grid import FakeGrid
 
@@ -248,11 +248,19 @@ def test_deletion_requests_join_the_forget_set_and_an_unknown_patient_is_named(t
     requests.write_text("hospital,patient\nhospital-2,P99999\n")
     bad = test_config.replace(deletion_requests=str(requests), unlearn_methods="", output_dir=str(tmp_path / "bad"))
     run_config = bad.to_run_config()
-    with pytest.raises(RuntimeError, match="P99999"):
+    with pytest.raises(DataError, match="hospital-2: .*P99999"):  # found by the preflight, before any training
         server_app(FakeGrid(client_app, run_config, num_nodes=3),
                    Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
-    work = bad.run_dir / "hospitals" / "hospital-2"
-    assert not (work / "forget.csv").exists() and not (work / "audit").exists()  # nothing half-written
+    assert not bad.run_dir.exists()  # nothing written
+
+    # and a hospital that checks its own requests at audit time names the patient too
+    from clients.audit import audit_synthetic
+    from clients.hospital import Hospital
+
+    hospital = Hospital(2, bad, cohort, plan.hospital_rows(cohort.table, 2))
+    with pytest.raises(DataError, match="P99999"):
+        audit_synthetic(hospital, np.zeros((1, bad.image_size, bad.image_size), np.uint8), "original")
+    assert not (hospital.work_dir / "forget.csv").exists() and not (hospital.work_dir / "audit").exists()
 
 
 def _run(config, grid=None):
