@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
                            "platform": platform.platform()},
                "versions": library_versions(), "targets": TARGETS, "tiny": tiny}
-    results["compute"] = compute_efficiency(cfg, steps=2 if tiny else 10)
+    results["compute"] = compute_efficiency(cfg, steps=1 if tiny else 10)
     results["audit"] = audit_scaling([100, 1000] if tiny else [1000, 10_000, 100_000], queries=200 if tiny else 4000,
                                      embed_images=64 if tiny else 512)
     cache = args.cache_dir or str(cfg.cache_path)
