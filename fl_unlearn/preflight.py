@@ -7,7 +7,6 @@ plan, each hospital's local split, and deletion requests against the patients ea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fl_unlearn.config import RunConfig
@@ -19,13 +18,9 @@ from fl_unlearn.privacy.audit import check_requested, read_deletion_requests
 
 def preflight(config: RunConfig) -> None:
     """Raise ``ConfigError``/``DataError`` naming what is wrong; never writes into the output folder."""
-    if config.resume_from:
-        manifest = config.run_dir / "manifest.json"
-        if not manifest.is_file():
-            raise ConfigError(f"resume-from = {config.resume_from!r} holds no manifest.json: not a run folder")
-        from fl_unlearn.runs import check_same_run
-
-        check_same_run(json.loads(manifest.read_text()).get("run_config", {}), config)
+    if config.resume_from and not (config.run_dir / "manifest.json").is_file():
+        raise ConfigError(f"resume-from = {config.resume_from!r} holds no manifest.json: not a run folder")
+    # A resumed run's settings are compared with its manifest by RunDirectory, before it writes anything.
     if config.fid_inception_weights and not Path(config.fid_inception_weights).expanduser().is_file():
         raise ConfigError(f"fid-inception-weights = {config.fid_inception_weights!r} does not exist; point it to a "
                           f"local pt_inception weights file, or leave it empty for FID on domain features")
