@@ -46,7 +46,7 @@ def _salun_mask(federation: Federation, run: RunDirectory, start: dict, config: 
     return {k: mask.get(k, torch.zeros_like(v, dtype=torch.bool)) for k, v in start.items()}
 
 
-def _regenerate_and_audit(federation: Federation, run: RunDirectory, state: dict, name: str,
+def _regenerate_and_audit(federation: Federation, run: RunDirectory, vae, state: dict, name: str,
                           grow: dict | None = None) -> dict:
     """Sample set ``name`` from ``state`` on the original set's seeds and labels, and have the hospitals audit it.
 
@@ -54,7 +54,7 @@ def _regenerate_and_audit(federation: Federation, run: RunDirectory, state: dict
     audit links to that forget set, for the next cycle.
     """
     cfg = run.config
-    vae, stats = load_vae(run), load_latent_stats(run)
+    stats = load_latent_stats(run)
     unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
     unet.load_state_dict(state)
     # The original set's labels and seeds: image i after unlearning is paired with image i before.
@@ -96,6 +96,7 @@ def unlearn_method(method: str, federation: Federation, run: RunDirectory) -> di
                    for k, v in build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels).state_dict().items()}
         rounds, cycles = cfg.ldm_rounds, 1  # exact unlearning has nothing left to expose
     mask_record: dict[str, ArrayRecord] = {}
+    vae = load_vae(run)  # once per method: every cycle's regeneration decodes with it
 
     def before_round(rnd: int, state: dict) -> tuple[dict, dict]:
         cycle, position = divmod(rnd - 1, rounds)
@@ -103,7 +104,7 @@ def unlearn_method(method: str, federation: Federation, run: RunDirectory) -> di
         forget_set = "original" if cycle == 1 else method
         if position == 0 and cycle > 1:  # close the previous cycle (again, after a resume: it is deterministic)
             before = _audit(run, "original" if cycle == 2 else cycle_set(method, cycle - 2, cycles))
-            after = _regenerate_and_audit(federation, run, state, cycle_set(method, cycle - 1, cycles),
+            after = _regenerate_and_audit(federation, run, vae, state, cycle_set(method, cycle - 1, cycles),
                                           grow={"forget-set": method, "grow-from": "original" if cycle == 2 else method})
             if _forget_pairs(after) <= _forget_pairs(before):
                 # Nobody new was exposed: another cycle would unlearn the same patients again from a model
@@ -130,7 +131,7 @@ def unlearn_method(method: str, federation: Federation, run: RunDirectory) -> di
     cycles = -(-len(history) // rounds)  # the cycles that ran: the loop stops when nobody new is exposed
     cost = {"seconds": round(sum(r["seconds"] for r in history), 1),
             "hospital_steps": int(sum(m.get("steps", 0) for r in history for m in r["hospitals"].values()))}
-    after = _regenerate_and_audit(federation, run, result["global"], method)
+    after = _regenerate_and_audit(federation, run, vae, result["global"], method)
     _record_in_ledger(run, method, cycles, rounds, history)
     details = {**_row(run, after), "cost": cost}
     if cfg.unlearn_cycles > 1 and method != "retrain":
