@@ -25,6 +25,8 @@ class Hospital:
     config: RunConfig
     cohort: Cohort
     rows: pd.DataFrame
+    #: The SuperNode's private folder (``work-dir`` in its node config); None: under the run directory.
+    site_dir: Path | None = None
 
     @property
     def name(self) -> str:
@@ -32,8 +34,12 @@ class Hospital:
 
     @property
     def work_dir(self) -> Path:
-        # Node-local: nothing in here is ever sent. In simulation it sits under the run directory.
-        path = self.config.run_dir / "hospitals" / self.name
+        # Node-local: nothing in here is ever sent. In simulation it sits under the run directory; a
+        # deployed SuperNode keeps it in its own folder (one per site), a subfolder per run.
+        if self.site_dir is not None:
+            path = self.site_dir / self.config.run_name
+        else:
+            path = self.config.run_dir / "hospitals" / self.name
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -54,10 +60,29 @@ class Hospital:
 
     @classmethod
     def from_context(cls, context: Context) -> Hospital:
-        config = RunConfig.from_run_config(context.run_config)
+        config = site_config(RunConfig.from_run_config(context.run_config), context.node_config)
         index = hospital_index(context.node_config, config.num_hospitals)
         cohort, plan = load_federation(config)
-        return cls(index=index, config=config, cohort=cohort, rows=plan.hospital_rows(cohort.table, index))
+        site_dir = context.node_config.get("work-dir")
+        return cls(index=index, config=config, cohort=cohort, rows=plan.hospital_rows(cohort.table, index),
+                   site_dir=Path(str(site_dir)).expanduser().resolve() if site_dir else None)
+
+
+#: What a deployed SuperNode may set for itself in ``--node-config`` (besides ``hospital-id``).
+SITE_KEYS = ("data-root", "cache-dir", "work-dir")
+
+
+def site_config(config: RunConfig, node_config: dict) -> RunConfig:
+    """The run configuration as this site sees it: its own data folder and cache replace the run's.
+
+    The run config travels from the server; where the data lives is the site's business, so a
+    SuperNode's ``data-root``/``cache-dir`` win. Any other node-config key is refused by name.
+    """
+    unknown = sorted(set(node_config) - {"hospital-id", "partition-id", "num-partitions", *SITE_KEYS})
+    if unknown:
+        raise ConfigError(f"unknown node-config key(s) {unknown}; a SuperNode may set 'hospital-id' and {list(SITE_KEYS)}")
+    changes = {key.replace("-", "_"): str(node_config[key]) for key in ("data-root", "cache-dir") if key in node_config}
+    return config.replace(**changes) if changes else config
 
 
 def hospital_index(node_config: dict, num_hospitals: int) -> int:

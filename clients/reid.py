@@ -86,7 +86,7 @@ def keep_and_evaluate(hospital: Hospital, state: State | None) -> dict:
     (hospital.work_dir / "audit" / "control.json").unlink(missing_ok=True)  # measured with the old networks
     holdout = hospital.split.holdout
     result = evaluate_reid(nets.eval(), hospital.cohort.load_images(holdout), holdout["patient"].to_numpy(),
-                           seed=derived_seed(cfg.seed, "reid-eval", hospital.index), degrade=degrade)
+                           pairs=cfg.reid_eval_pairs, seed=derived_seed(cfg.seed, "reid-eval", hospital.index), degrade=degrade)
     result.update({"holdout-patients": int(holdout["patient"].nunique()), "holdout-images": len(holdout)})
     return result
 

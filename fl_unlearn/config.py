@@ -87,6 +87,7 @@ class RunConfig:
     reid_local_steps: int = 120
     reid_batch_size: int = 64
     reid_lr: float = 1e-3
+    reid_eval_pairs: int = 1000  # same- and different-patient pairs each, for the held-out verification AUC
     # the audit of synthetic images at each hospital
     audit_threshold: float = 0.5  # the paper's operating point
     audit_top_k: int = 3
@@ -157,6 +158,7 @@ class RunConfig:
         self._check_range("reid-local-steps", self.reid_local_steps, 1, None)
         self._check_range("reid-batch-size", self.reid_batch_size, 4, None)
         self._check_range("reid-lr", self.reid_lr, 1e-12, 1.0)
+        self._check_range("reid-eval-pairs", self.reid_eval_pairs, 1, None)
         self._check_range("audit-threshold", self.audit_threshold, 1e-6, 1.0)
         self._check_range("audit-top-k", self.audit_top_k, 1, None)
         self._check_range("audit-target-fpr", self.audit_target_fpr, 0.0, 0.5)

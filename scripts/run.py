@@ -9,6 +9,11 @@ final status, and stops the SuperLink it started (by process group) — and noth
     python scripts/run.py                        # cpu preset (= plain `flwr run .`)
     python scripts/run.py --preset test
     python scripts/run.py --preset paper --run-config "data-root='/data/mimic-cxr-jpg/2.1.0'"
+    python scripts/run.py --preset test --deployment   # real SuperLink + one SuperNode per hospital
+
+``--deployment`` runs Flower's deployment engine on loopback instead of the simulation: one
+``flower-superlink`` and one ``flower-supernode`` per hospital, each told its hospital and its own
+work folder through ``--node-config`` (the same ServerApp and ClientApp, no code change).
 """
 
 from __future__ import annotations
@@ -68,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flwr-home", default=str(ROOT / ".flwr-home"), help="FLWR_HOME for this launcher")
     parser.add_argument("--cpus-per-hospital", type=int, default=1)
     parser.add_argument("--gpus-per-hospital", type=float, default=0.0)
+    parser.add_argument("--deployment", action="store_true",
+                        help="run on a loopback SuperLink with one SuperNode per hospital instead of the simulation")
+    parser.add_argument("--sites-dir", default=None,
+                        help="with --deployment: parent of each SuperNode's private work folder "
+                             "(default: <output-dir>/sites/hospital-<i>)")
     args = parser.parse_args(argv)
     # Stop what we started on Ctrl-C or SIGTERM, also when started in the background (where a
     # non-interactive shell makes SIGINT ignored): both unwind through the finally blocks below.
@@ -109,31 +119,47 @@ def main(argv: list[str] | None = None) -> int:
         f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    federation = (f"num-supernodes={config.num_hospitals} client-resources-num-cpus={args.cpus_per_hospital} "
-                  f"client-resources-num-gpus={args.gpus_per_hospital}")
     # flwr run refuses a TOML file next to key=value pairs, so the preset travels as pairs too.
     pairs = {**preset_values(preset), **overrides}
-    cmd = ["flwr", "run", str(ROOT), connection, "--stream", "--federation-config", federation,
+    cmd = ["flwr", "run", str(ROOT), connection, "--stream",
            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in pairs.items())]
+    if not args.deployment:
+        cmd[5:5] = ["--federation-config", f"num-supernodes={config.num_hospitals} client-resources-num-cpus="
+                    f"{args.cpus_per_hospital} client-resources-num-gpus={args.gpus_per_hospital}"]
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    with open(config.run_dir / "superlink.log", "ab") as superlink_log:
-        superlink = subprocess.Popen(
-            ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
-             "--disable-runtime-dependency-installation"],  # no --database: state in memory
-            cwd=ROOT, env=env, stdout=superlink_log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            wait_healthy(port, superlink)
-            run_id = stream_run(cmd, env)
-            status = run_status(run_id, connection, env, config.run_dir / "manifest.json") if run_id else "not started"
-        finally:
-            stop(superlink)
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(start_logged(
+            ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation", *([] if args.deployment else ["--simulation"])],
+            config.run_dir / "superlink.log", env))  # no --database: state in memory
+        wait_healthy(port, started[0])
+        if args.deployment:
+            sites = Path(args.sites_dir or Path(output_dir) / "sites").expanduser().resolve()
+            for index in range(config.num_hospitals):
+                # Each SuperNode is one hospital: its index and its private folder come from its own node
+                # config, and it opens its own Runtime API port (two on one host must differ).
+                started.append(start_logged(
+                    ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                     "--node-config", f'hospital-id={index} work-dir="{sites / f"hospital-{index}"}"'],
+                    config.run_dir / f"supernode-{index}.log", env))
+        run_id = stream_run(cmd, env)
+        status = run_status(run_id, connection, env, config.run_dir / "manifest.json") if run_id else "not started"
+    finally:
+        for process in reversed(started):
+            stop(process)
     print(f"[fl-unlearn] run {run_id} status: {status}", flush=True)
     if status != "finished:completed":
         return 1
     print(f"[fl-unlearn] outputs: {config.run_dir}", flush=True)
     return 0
+
+
+def start_logged(cmd: list[str], log: Path, env: dict) -> subprocess.Popen:
+    """Start one Flower process in a session of its own, appending its output to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stream_run(cmd: list[str], env: dict) -> str | None:
@@ -168,14 +194,16 @@ def stop(process: subprocess.Popen) -> None:
         below = psutil.Process(process.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         below = []
-    os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):  # it may have exited already (a failed start)
+        os.killpg(process.pid, signal.SIGTERM)
     for child in below:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     _, alive = psutil.wait_procs(below, timeout=10)
     for child in alive:  # psutil checks identity (pid and start time): never a reused pid

@@ -10,7 +10,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 
 from clients.client_app import app as client_app
-from clients.hospital import hospital_index
+from clients.hospital import Hospital, hospital_index, site_config
 from fl_unlearn.data.sources import load_federation
 from fl_unlearn.errors import ConfigError, DataError
 from server.server_app import app as server_app
@@ -48,6 +48,20 @@ def test_hospital_index_from_simulation_or_deployment_node_config():
         hospital_index({"partition-id": 0, "num-partitions": 2}, 3)
     with pytest.raises(ConfigError, match="neither 'hospital-id' nor 'partition-id'"):
         hospital_index({}, 3)
+
+
+def test_a_deployed_supernode_keeps_its_own_data_folder_and_work_folder(test_config, tmp_path):
+    """``--node-config "hospital-id=1 work-dir=... cache-dir=..."``: the site's folders win, nothing under the run."""
+    node_config = {"hospital-id": 1, "work-dir": str(tmp_path / "site"), "cache-dir": str(tmp_path / "cache")}
+    ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                  run_config=test_config.to_run_config())
+    hospital = Hospital.from_context(ctx)
+    assert hospital.index == 1 and hospital.config.cache_path == tmp_path / "cache"
+    assert hospital.work_dir == tmp_path / "site" / test_config.run_name
+    assert not (test_config.run_dir / "hospitals").exists()
+    assert site_config(test_config, {"hospital-id": 0, "data-root": "/site/mimic"}).data_root == "/site/mimic"
+    with pytest.raises(ConfigError, match=r"unknown node-config key\(s\) \['data-path'\]"):
+        site_config(test_config, {"hospital-id": 0, "data-path": "/x"})
 
 
 def _leaks(msg: Message, size: int, patient_ids: set[str], run_dir: str, real_images: set[bytes] = frozenset(),
