@@ -18,6 +18,7 @@ def classifier_round(hospital: Hospital, state: State, config: ConfigRecord) -> 
     cfg = hospital.config
     model = build_classifier(cfg.classifier_backbone)
     model.load_state_dict(state)
+    model.to(hospital.device)
     rows = hospital.split.train
     stats = train_classifier(model, hospital.cohort.load_images(rows), rows["label"].to_numpy(), ClassifierTrainConfig(
         steps=cfg.classifier_local_steps, bf16=cfg.bf16,

@@ -12,8 +12,18 @@ from clients.faults import inject_faults
 from clients.generative import encode_cache, ldm_round, vae_round
 from clients.hospital import Hospital
 from fl_unlearn.data.partition import describe_rows, patients_fingerprint
+from fl_unlearn.training.common import release_memory
 
-app = ClientApp(mods=[inject_faults])
+
+def release_gpu_memory(msg: Message, context: Context, call_next) -> Message:
+    """A ClientApp mod: after every message, give the GPU memory this hospital's models held back."""
+    try:
+        return call_next(msg, context)
+    finally:
+        release_memory()
+
+
+app = ClientApp(mods=[release_gpu_memory, inject_faults])
 
 #: Local training round of each federated phase: (hospital, global state, config) → (local state, metrics).
 TRAINERS = {"train-vae": vae_round, "train-ldm": ldm_round, "train-reid": reid.reid_round,

@@ -23,6 +23,7 @@ def vae_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[S
     cfg = hospital.config
     vae = build_vae(cfg.vae, cfg.image_size)
     vae.load_state_dict(state)
+    vae.to(hospital.device)
     images = hospital.cohort.load_images(hospital.split.train)
     stats = train_vae(vae, images, VAETrainConfig(
         steps=cfg.vae_local_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, kl_weight=cfg.vae_kl_weight,
@@ -37,6 +38,7 @@ def encode_cache(hospital: Hospital, vae_state: State) -> tuple[int, dict]:
     cfg = hospital.config
     vae = build_vae(cfg.vae, cfg.image_size)
     vae.load_state_dict(vae_state)
+    vae.to(hospital.device)
     rows = hospital.split.ldm
     latents = encode_latents(vae, hospital.cohort.load_images(rows))
     # Kept locally: re-identification training and the audit's false-positive control decode with it.
@@ -53,7 +55,7 @@ def local_vae(hospital: Hospital):
         raise FileNotFoundError(f"{hospital.name} has no autoencoder at {path}: the encode phase did not run here")
     vae = build_vae(hospital.config.vae, hospital.config.image_size)
     vae.load_state_dict(load_checkpoint(path)[0])
-    return vae.eval()
+    return vae.to(hospital.device).eval()
 
 
 def load_latent_cache(hospital: Hospital) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +79,7 @@ def ldm_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[S
     stats = LatentStats(tuple(config["latent-mean"]), tuple(config["latent-std"]))
     unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
     unet.load_state_dict(state)
+    unet.to(hospital.device)
     optimizer_state = hospital.optimizer_state("ldm", rnd - 1)
     result = train_ldm(unet, train_scheduler(cfg.noise_schedule), stats.normalize(latents).numpy(), labels,
                        LDMTrainConfig(steps=cfg.ldm_local_steps, batch_size=cfg.ldm_batch_size, lr=cfg.ldm_lr,

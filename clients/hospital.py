@@ -55,6 +55,11 @@ class Hospital:
         (self.work_dir / f"{model}-optimizer-round{round_ - 2}.pt").unlink(missing_ok=True)
 
     @cached_property
+    def device(self) -> torch.device:
+        """Where this hospital trains: its GPU share when the federation gave it one, else the CPU."""
+        return self.config.torch_device
+
+    @cached_property
     def split(self) -> HospitalSplit:
         return hospital_split(self.config, self.rows, self.index)
 

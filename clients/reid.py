@@ -41,6 +41,7 @@ def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: 
     nets = ReIDNetworks(cfg.reid)
     if state is not None:
         nets.load_state_dict(state)
+    nets.to(hospital.device)
     rows = hospital.split.train
     stats = train_reid(nets, hospital.cohort.load_images(rows), rows["patient"].to_numpy(), steps=steps,
                        batch_size=cfg.reid_batch_size, lr=cfg.reid_lr, seed=seed, degrade=degrade,
@@ -81,6 +82,7 @@ def keep_and_evaluate(hospital: Hospital, state: State | None) -> dict:
     else:
         nets = ReIDNetworks(cfg.reid)
         nets.load_state_dict(state)
+        nets.to(hospital.device)
     save_checkpoint(hospital.work_dir / CHECKPOINT, nets.state_dict(),
                     {"backbone": cfg.reid_backbone, "federated": cfg.reid_federated})
     (hospital.work_dir / "audit" / "control.json").unlink(missing_ok=True)  # measured with the old networks
@@ -98,4 +100,4 @@ def load_networks(hospital: Hospital) -> ReIDNetworks:
                                 f"the train-reid phase did not finish here")
     nets = ReIDNetworks(hospital.config.reid)
     nets.load_state_dict(load_checkpoint(path)[0])
-    return nets.eval()
+    return nets.to(hospital.device).eval()

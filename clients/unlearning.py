@@ -44,7 +44,7 @@ def _unet(hospital: Hospital, state: State):
     cfg = hospital.config
     unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
     unet.load_state_dict(state)
-    return unet
+    return unet.to(hospital.device)
 
 
 def saliency(hospital: Hospital, theta0: State, config: ConfigRecord) -> State | None:

@@ -8,9 +8,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fl_unlearn.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = PROJECT_ROOT / "configs"
@@ -74,6 +77,7 @@ class RunConfig:
     ldm_label_dropout: float = 0.2
     ldm_ema: float = 0.0
     bf16: bool = True
+    device: str = "auto"  # where each process trains and samples: "auto" (CUDA when visible), "cpu" or "cuda"
     # the synthetic set
     num_synthetic: int = 500
     sample_steps: int = 25
@@ -153,6 +157,7 @@ class RunConfig:
         self._check_range("sample-eta", self.sample_eta, 0.0, 1.0)
         self._check_range("guidance-scale", self.guidance_scale, 0.0, None)
         self._check_choice("ldm-loss", self.ldm_loss, ("l1", "l2"))
+        self._check_choice("device", self.device, ("auto", "cpu", "cuda"))
         self._check_choice("reid-backbone", self.reid_backbone, ("small-cnn", "resnet18", "resnet50"))
         self._check_range("reid-rounds", self.reid_rounds, 1, None)
         self._check_range("reid-local-steps", self.reid_local_steps, 1, None)
@@ -221,6 +226,16 @@ class RunConfig:
         if self.resume_from:
             return Path(self.resume_from).expanduser().resolve()
         return Path(self.output_dir).expanduser().resolve() / self.run_name
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device of this process (a hospital's Ray actor sees only the GPU share it was given)."""
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device = 'cuda' but this process sees no CUDA GPU (torch {torch.__version__}, "
+                              f"CUDA build: {torch.version.cuda or 'no'}); use device = 'auto' or 'cpu'")
+        return torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
 
     @property
     def cache_path(self) -> Path:

@@ -65,17 +65,19 @@ def sample_latents(unet: UNet2DModel, scheduler: DDIMScheduler, labels: np.ndarr
                    shape: tuple[int, int, int], config: SamplerConfig) -> torch.Tensor:
     """Normalised latents [N,*shape]. Image i depends only on (labels[i], seeds[i]), not on its batch."""
     unet.eval()
+    device = next(unet.parameters()).device  # the noise is drawn on the CPU: a seed gives one image anywhere
     out = []
     for start in range(0, len(labels), config.batch_size):
-        y = torch.as_tensor(labels[start: start + config.batch_size]).long()
+        y = torch.as_tensor(labels[start: start + config.batch_size]).long().to(device)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start: start + config.batch_size]]
-        z = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
         scheduler.set_timesteps(config.steps)
         for t in scheduler.timesteps:
             eps = guided_epsilon(unet, z, t, y, config.guidance_scale)
-            noise = torch.stack([torch.randn(shape, generator=g) for g in gens]) if config.eta > 0 else None
+            noise = (torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+                     if config.eta > 0 else None)
             z = scheduler.step(eps, t, z, eta=config.eta, variance_noise=noise).prev_sample
-        out.append(z)
+        out.append(z.cpu())
     return torch.cat(out)
 
 

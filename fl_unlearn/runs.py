@@ -111,7 +111,7 @@ class RunDirectory:
 
 #: Keys that may differ between an interrupted run and its resumption.
 RESUMABLE_KEYS = frozenset({"resume-from", "output-dir", "run-name", "wait-for-nodes-s", "min-hospitals",
-                            "reply-timeout-s", "fail-hospital", "fail-phase", "fail-mode"})
+                            "reply-timeout-s", "fail-hospital", "fail-phase", "fail-mode", "device"})
 
 
 #: The first phase each setting affects (by exact key or by prefix). Resuming with one of them changed

@@ -20,7 +20,6 @@ Nothing is written unless the CSVs are usable and the patients can be partitione
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

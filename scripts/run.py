@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ["flwr", "run", str(ROOT), connection, "--stream",
            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in pairs.items())]
     if not args.deployment:
-        cmd[5:5] = ["--federation-config", f"num-supernodes={config.num_hospitals} client-resources-num-cpus="
-                    f"{args.cpus_per_hospital} client-resources-num-gpus={args.gpus_per_hospital}"]
+        federation = (f"num-supernodes={config.num_hospitals} client-resources-num-cpus={args.cpus_per_hospital} "
+                      f"client-resources-num-gpus={args.gpus_per_hospital}")
+        cmd[5:5] = ["--federation-config", federation]
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
     started: list[subprocess.Popen] = []

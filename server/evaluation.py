@@ -63,15 +63,17 @@ def evaluate(federation: Federation, run: RunDirectory) -> dict:
     test_images, test_labels = cohort.load_images(test), test["label"].to_numpy()
     reference = build_classifier(cfg.classifier_backbone)
     reference.load_state_dict(load_checkpoint(run.file("checkpoints", "classifier.safetensors"))[0])
+    reference.to(cfg.torch_device)
     # Domain features serve the catalog's embeddings always, and FID when no Inception weights are given.
-    inception = fid.inception_extractor(cfg.fid_inception_weights) if cfg.fid_inception_weights else None
+    inception = (fid.inception_extractor(cfg.fid_inception_weights, device=cfg.torch_device)
+                 if cfg.fid_inception_weights else None)
     fid_name = fid.STANDARD if inception else fid.DOMAIN
     test_features = inception(test_images) if inception else features(reference, test_images)
 
     def utility(name: str) -> tuple:
         images, index = load_synthetic_set(run, name)
         result = utility_auc(images, index["label"].to_numpy(), test_images, test_labels,
-                             backbone=cfg.classifier_backbone,
+                             backbone=cfg.classifier_backbone, device=cfg.torch_device,
                              config=ClassifierTrainConfig(steps=cfg.classifier_steps, bf16=cfg.bf16,
                                                           seed=derived_seed(cfg.seed, "utility", name)))
         return images, {"auc": result["auc"], "auc_ci_low": result["ci_low"], "auc_ci_high": result["ci_high"]}

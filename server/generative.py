@@ -77,7 +77,7 @@ def load_vae(run: RunDirectory):
     """The run's global autoencoder, in eval mode."""
     vae = build_vae(run.config.vae, run.config.image_size)
     vae.load_state_dict(load_checkpoint(run.file("checkpoints", "vae.safetensors"))[0])
-    return vae.eval()
+    return vae.to(run.config.torch_device).eval()
 
 
 def load_generator(run: RunDirectory, unet_checkpoint: str = "unet.safetensors"):
@@ -86,7 +86,7 @@ def load_generator(run: RunDirectory, unet_checkpoint: str = "unet.safetensors")
     vae = load_vae(run)
     unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
     unet.load_state_dict(load_checkpoint(run.file("checkpoints", unet_checkpoint))[0])
-    return vae, unet.eval(), load_latent_stats(run)
+    return vae, unet.to(cfg.torch_device).eval(), load_latent_stats(run)
 
 
 def sampler_config(cfg) -> SamplerConfig:

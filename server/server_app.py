@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_unlearn.config import RunConfig
 from fl_unlearn.preflight import preflight
 from fl_unlearn.runs import RunDirectory
+from fl_unlearn.training.common import release_memory
 from server.federation import Federation
 from server.phases import phases_for
 
@@ -50,6 +51,7 @@ def main(grid: Grid, context: Context) -> None:
             print(traceback.format_exc(), flush=True)
             raise
         finally:
+            release_memory()  # the server's models of this phase (sampling, evaluation) are done
             if len(federation.missed) > missed_before:  # which hospital missed what, kept across resumes
                 run.set("missed", [*run.manifest.get("missed", []), *federation.missed[missed_before:]])
         run.finish_phase(name, started, **details)

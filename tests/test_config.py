@@ -28,6 +28,7 @@ def test_every_preset_loads(name):
     ("audit-target-fpr", 0.9, "audit-target-fpr"),
     ("reid-backbone", "vgg", "reid-backbone"),
     ("no-such-key", 1, "unknown run-config key"),
+    ("device", "tpu", "device = 'tpu' is not one of"),
 ])
 def test_bad_settings_are_one_clear_error(key, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -63,3 +64,15 @@ def test_resume_maps_each_changed_setting_to_the_first_phase_it_affects():
             or phase in names, key
     with pytest.raises(ConfigError, match="seed"):
         check_same_run(stored, RunConfig(resume_from="/r", seed=1))
+
+
+def test_the_device_follows_what_the_process_sees(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert RunConfig().torch_device == torch.device("cpu") == RunConfig(device="cpu").torch_device
+    with pytest.raises(ConfigError, match="device = 'cuda' but this process sees no CUDA GPU"):
+        _ = RunConfig(device="cuda").torch_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert RunConfig().torch_device == torch.device("cuda")  # a hospital given a GPU share uses it
+    assert RunConfig(device="cpu").torch_device == torch.device("cpu")

@@ -38,7 +38,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(fid_score.calculate_frechet_distance(mu1, np.atleast_2d(sigma1), mu2, np.atleast_2d(sigma2)))
 
 
-def inception_extractor(weights: str | Path, batch_size: int = 50) -> Callable[[np.ndarray], np.ndarray]:
+def inception_extractor(weights: str | Path, batch_size: int = 50,
+                        device: torch.device | str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
     """pytorch-fid's InceptionV3 (pool3, 2048-d) loaded from a local pt_inception weights file."""
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -48,14 +49,15 @@ def inception_extractor(weights: str | Path, batch_size: int = 50) -> Callable[[
     # pytorch-fid always fetches its weights by URL; hand it the local file instead.
     with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: state):
         model = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    model.to(device)
 
     @torch.no_grad()
     def extract(images: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(np.asarray(images[i: i + batch_size])).float().div(255.0).unsqueeze(1)
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-            out.append(model(x)[0].squeeze(-1).squeeze(-1).numpy())
+            x = F.interpolate(x.to(device), size=(299, 299), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+            out.append(model(x)[0].squeeze(-1).squeeze(-1).cpu().numpy())
         return np.concatenate(out)
 
     return extract

@@ -12,14 +12,15 @@ from fl_unlearn.training.classifier import ClassifierTrainConfig, predict, train
 
 
 def utility_auc(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-                test_labels: np.ndarray, *, backbone: str, config: ClassifierTrainConfig) -> dict:
+                test_labels: np.ndarray, *, backbone: str, config: ClassifierTrainConfig,
+                device: torch.device | str = "cpu") -> dict:
     """ROC AUC (bootstrap 95% CI) on the real test set of a classifier trained on ``train_images`` only."""
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
     for name, labels in (("training", train_labels), ("test", test_labels)):
         if len(np.unique(labels)) < 2:
             raise DataError(f"the {name} set of the utility classifier holds one class only; AUC is undefined")
     torch.manual_seed(config.seed)
-    model = build_classifier(backbone)
+    model = build_classifier(backbone).to(device)
     stats = train_classifier(model, train_images, train_labels, config)
     result = auc_with_ci(test_labels, predict(model, test_images), seed=config.seed)
     return {**result, "train_images": len(train_images), "seconds": round(stats["seconds"], 1)}

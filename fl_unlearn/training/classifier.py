@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_unlearn.models.classifier import head, logits
-from fl_unlearn.training.common import autocast, batch_indices, to_tensor
+from fl_unlearn.training.common import autocast, batch_indices, model_device, to_tensor
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     shift = torch.randint(-3, 4, (2,), generator=gen).tolist()
     x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(2, 3))
     gain = 1.0 + 0.2 * (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5)
-    return x * gain
+    return x * gain.to(x.device)
 
 
 def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, config: ClassifierTrainConfig) -> dict:
@@ -37,14 +37,15 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, c
     gen = torch.Generator().manual_seed(config.seed)
     x_all, y_all = to_tensor(images), torch.tensor(np.asarray(labels, dtype=np.float32))
     pos = float(y_all.mean())
-    pos_weight = torch.tensor((1 - pos) / max(pos, 1e-6))
+    device = model_device(model)
+    pos_weight = torch.tensor((1 - pos) / max(pos, 1e-6), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     model.train()
     start, total = time.perf_counter(), 0.0
     for idx in batch_indices(len(x_all), config.batch_size, config.steps, rng):
-        with autocast(config.bf16):
-            out = logits(model, _augment(x_all[idx], gen))
-        loss = F.binary_cross_entropy_with_logits(out.float(), y_all[idx], pos_weight=pos_weight)
+        with autocast(config.bf16, device):
+            out = logits(model, _augment(x_all[idx].to(device), gen))
+        loss = F.binary_cross_entropy_with_logits(out.float(), y_all[idx].to(device), pos_weight=pos_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -57,8 +58,8 @@ def train_classifier(model: nn.Module, images: np.ndarray, labels: np.ndarray, c
 def predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Probabilities of cardiomegaly [N]."""
     model.eval()
-    x = to_tensor(images)
-    return np.concatenate([torch.sigmoid(logits(model, x[i: i + batch_size])).numpy()
+    x, device = to_tensor(images), model_device(model)
+    return np.concatenate([torch.sigmoid(logits(model, x[i: i + batch_size].to(device))).cpu().numpy()
                            for i in range(0, len(x), batch_size)])
 
 
@@ -67,11 +68,12 @@ def features(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.
     """Penultimate features [N, D] of uint8 images: the domain features of "FID (domain features)"."""
     model.eval()
     captured: list[torch.Tensor] = []
-    hook = head(model).register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0].detach().float()))
+    hook = head(model).register_forward_hook(
+        lambda _m, inputs, _o: captured.append(inputs[0].detach().float().cpu()))
     try:
-        x = to_tensor(images)
+        x, device = to_tensor(images), model_device(model)
         for i in range(0, len(x), batch_size):
-            logits(model, x[i: i + batch_size])
+            logits(model, x[i: i + batch_size].to(device))
     finally:
         hook.remove()
     return torch.cat(captured).numpy()

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` lives; every loop moves its batches there (random numbers stay on the CPU, so a
+    seed gives the same draws on any device)."""
+    return next(model.parameters()).device
+
+
+def release_memory() -> None:
+    """Hand cached GPU memory back between phases: a simulated hospital's Ray actor outlives its models,
+    and hospitals sharing one GPU need the room in turn. A no-op on the CPU."""
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def generator(seed: int) -> torch.Generator:

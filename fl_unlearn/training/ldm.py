@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from fl_unlearn.models.diffusion import NULL_CLASS
-from fl_unlearn.training.common import autocast, batch_indices
+from fl_unlearn.training.common import autocast, batch_indices, model_device
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,9 @@ class LDMTrainConfig:
 
 def noise_batch(scheduler: DDPMScheduler, z0: torch.Tensor, generator: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z_t, t, ε) for a batch of clean latents, t uniform over the whole schedule."""
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator)
-    eps = torch.randn(z0.shape, generator=generator)
+    """(z_t, t, ε) for a batch of clean latents, t uniform over the whole schedule, on ``z0``'s device."""
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), generator=generator).to(z0.device)
+    eps = torch.randn(z0.shape, generator=generator).to(z0.device)
     return scheduler.add_noise(z0, eps, t), t, eps
 
 
@@ -59,6 +59,7 @@ def train_ldm(unet: UNet2DModel, scheduler: DDPMScheduler, latents: np.ndarray, 
     gen = torch.Generator().manual_seed(config.seed)
     z_all = torch.as_tensor(latents).float()
     y_all = torch.as_tensor(labels).long()
+    device = model_device(unet)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -68,9 +69,9 @@ def train_ldm(unet: UNet2DModel, scheduler: DDPMScheduler, latents: np.ndarray, 
     for idx in batch_indices(len(z_all), config.batch_size, config.steps, rng):
         y = y_all[idx].clone()
         y[torch.rand(len(y), generator=gen) < config.label_dropout] = NULL_CLASS
-        zt, t, eps = noise_batch(scheduler, z_all[idx], gen)
-        with autocast(config.bf16):
-            pred = unet(zt, t, class_labels=y).sample
+        zt, t, eps = noise_batch(scheduler, z_all[idx].to(device), gen)
+        with autocast(config.bf16, device):
+            pred = unet(zt, t, class_labels=y.to(device)).sample
         loss = epsilon_error(pred, eps, config.loss).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from fl_unlearn.training.common import autocast, batch_indices, to_tensor, to_uint8
+from fl_unlearn.training.common import autocast, batch_indices, model_device, to_tensor, to_uint8
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,13 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config: VAETrainConfig) ->
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
-    data = to_tensor(images)
+    data, device = to_tensor(images), model_device(vae)
     vae.train()
     totals: dict[str, float] = {}
     start = time.perf_counter()
     for idx in batch_indices(len(data), config.batch_size, config.steps, rng):
-        with autocast(config.bf16):
-            parts = vae_loss(vae, data[idx], config, gen)
+        with autocast(config.bf16, device):
+            parts = vae_loss(vae, data[idx].to(device), config, gen)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimizer.step()
@@ -77,16 +77,19 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config: VAETrainConfig) ->
 def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
     """Posterior means float32 [N,C,h,w]: deterministic, so cached latents, SISS weights and noising agree."""
     vae.eval()
-    out = [vae.encode(to_tensor(images[i: i + batch_size])).latent_dist.mean for i in range(0, len(images), batch_size)]
-    return torch.cat(out).float().numpy()
+    device = model_device(vae)
+    out = [vae.encode(to_tensor(images[i: i + batch_size]).to(device)).latent_dist.mean.float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy()
 
 
 @torch.no_grad()
 def decode_latents(vae: AutoencoderKL, latents: np.ndarray | torch.Tensor, batch_size: int = 128) -> np.ndarray:
     """uint8 images [N,H,W] from latents [N,C,h,w]."""
     vae.eval()
-    z = torch.as_tensor(latents).float()
-    return np.concatenate([to_uint8(vae.decode(z[i: i + batch_size]).sample) for i in range(0, len(z), batch_size)])
+    z, device = torch.as_tensor(latents).float(), model_device(vae)
+    return np.concatenate([to_uint8(vae.decode(z[i: i + batch_size].to(device)).sample)
+                           for i in range(0, len(z), batch_size)])
 
 
 def reconstruct(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 128) -> np.ndarray:

@@ -47,6 +47,8 @@ def unlearn(unet: UNet2DModel, theta0: UNet2DModel, scheduler: DDPMScheduler, me
     if not len(z_r) and z_f is None:
         raise DataError("unlearning needs a forget or a remain set; both are empty")
     gen = torch.Generator().manual_seed(seed)
+    device = next(unet.parameters()).device  # data and random draws stay on the CPU; batches move
+    mask = {name: m.to(device) for name, m in mask.items()} if mask is not None else None
     theta0.eval()  # only ever called under no_grad
     unet.train()
     params = dict(unet.named_parameters())
@@ -66,9 +68,9 @@ def unlearn(unet: UNet2DModel, theta0: UNet2DModel, scheduler: DDPMScheduler, me
                 # lacks cannot be paired, so its forget samples sit this step out.
                 fi = fi[torch.isin(y_f[fi], remain_classes)]
                 ri = class_matched(y_r, y_f[fi], gen) if len(fi) else ri
-            forget_batch = (z_f[fi], y_f[fi]) if len(fi) else None
+            forget_batch = (z_f[fi].to(device), y_f[fi].to(device)) if len(fi) else None
         if ri is not None:
-            remain_batch = (z_r[ri], y_r[ri])
+            remain_batch = (z_r[ri].to(device), y_r[ri].to(device))
         optimizer.zero_grad(set_to_none=True)
         parts = objective(unet, theta0, scheduler, forget_batch, remain_batch, gen, config)
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
@@ -106,7 +108,8 @@ def saliency_scores(unet: UNet2DModel, scheduler: DDPMScheduler, forget: tuple[n
     for _ in range(batches):
         idx = torch.randint(len(z_f), (min(batch_size, len(z_f)),), generator=gen)
         unet.zero_grad(set_to_none=True)
-        diffusion_loss(unet, scheduler, z_f[idx], y_f[idx], gen).backward()
+        device = next(unet.parameters()).device
+        diffusion_loss(unet, scheduler, z_f[idx].to(device), y_f[idx].to(device), gen).backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         for name, p in params.items():
             if p.grad is not None:

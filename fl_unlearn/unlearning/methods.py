@@ -138,11 +138,12 @@ def siss(unet, theta0, scheduler, forget, remain, gen, config: UnlearnConfig) ->
         raise ValueError("SISS needs class-matched forget/remain pairs: the same label at each position")
     steps = scheduler.config.num_train_timesteps
     t = torch.randint(0, steps, (len(za),), generator=gen)
-    eps = torch.randn(za.shape, generator=gen)
-    alphas = scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    eps = torch.randn(za.shape, generator=gen).to(za.device)
+    alphas = scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1).to(za.device)
+    t = t.to(za.device)
     gamma, sigma = alphas.sqrt(), (1 - alphas).sqrt()
     xt, at = gamma * zx + sigma * eps, gamma * za + sigma * eps
-    pick_a = (torch.rand(len(za), generator=gen) < lam).view(-1, 1, 1, 1)
+    pick_a = (torch.rand(len(za), generator=gen) < lam).view(-1, 1, 1, 1).to(za.device)
     m = torch.where(pick_a, at, xt)
     w_x, w_a = siss_weights(m, gamma * zx, gamma * za, sigma.view(-1), lam)
     pred = unet(m, t, class_labels=ya).sample.float()
