@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=str(ROOT / "runs"), help="where runs/<run-name>/ is written")
     parser.add_argument("--flwr-home", default=str(ROOT / ".flwr-home"), help="FLWR_HOME for this launcher")
     parser.add_argument("--cpus-per-hospital", type=int, default=1)
-    parser.add_argument("--gpus-per-hospital", type=float, default=0.0)
+    parser.add_argument("--gpus-per-hospital", type=float, default=None,
+                        help="GPU share of each simulated hospital (Ray); default: the visible GPUs split evenly "
+                             "between the hospitals, 0 without CUDA")
     parser.add_argument("--deployment", action="store_true",
                         help="run on a loopback SuperLink with one SuperNode per hospital instead of the simulation")
     parser.add_argument("--sites-dir", default=None,
@@ -83,12 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     # non-interactive shell makes SIGINT ignored): both unwind through the finally blocks below.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.gpus_per_hospital > 0:
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            parser.error(f"--gpus-per-hospital {args.gpus_per_hospital:g} needs a CUDA GPU; this machine has none "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    if args.gpus_per_hospital is not None and args.gpus_per_hospital > 0 and not torch.cuda.is_available():
+        parser.error(f"--gpus-per-hospital {args.gpus_per_hospital:g} needs a CUDA GPU; this machine has none "
+                     f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
 
     from flwr.common.config import parse_config_args
 
@@ -108,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     except FlUnlearnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.gpus_per_hospital is None:
+        # Hospitals share the visible GPUs evenly (Ray's fractions are soft: see the README for memory).
+        gpus = torch.cuda.device_count() if config.device != "cpu" else 0
+        args.gpus_per_hospital = round(min(1.0, gpus / config.num_hospitals), 4) if gpus else 0.0
+        if gpus and not args.deployment:
+            print(f"[fl-unlearn] {gpus} GPU(s): {args.gpus_per_hospital:g} GPU per hospital", flush=True)
 
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(Path(args.flwr_home).resolve())}
     # The flwr executables of this interpreter's environment, even when it is not activated.
