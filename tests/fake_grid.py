@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import traceback
 from collections.abc import Callable, Iterable
 
@@ -68,4 +69,16 @@ class FakeGrid(Grid):
         return [self._replies.pop(m) for m in message_ids if m in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Synchronous without a timeout. With one, each message is handled in a thread and waited for up to
+        ``timeout`` seconds (one message at a time, so hospitals do not slow each other down); as in Flower,
+        a reply that is not back in time is simply absent (its thread is left to finish)."""
+        if timeout is None:
+            return self.pull_messages(self.push_messages(messages))
+        ids: list[list[str]] = []
+        for msg in messages:
+            out: list[str] = []
+            ids.append(out)
+            worker = threading.Thread(target=lambda m=msg, o=out: o.extend(self.push_messages([m])), daemon=True)
+            worker.start()
+            worker.join(timeout)
+        return self.pull_messages([mid for out in ids for mid in out])

@@ -284,23 +284,39 @@ def _run(config, grid=None):
     return grid
 
 
-def test_a_hospital_that_misses_the_audit_is_left_out_then_audited_again(test_config, tmp_path):
-    """Hospital 2 fails the audit: the run finishes without it, the report names it, and the next
-    unlearning phase audits it again, so its deletion request is opened, applied and verified."""
+def test_a_hospital_that_misses_the_audit_is_left_out_then_audited_again(test_config, tmp_path, monkeypatch):
+    """Hospital 2 hangs in the audit: after reply-timeout-s the run goes on without it, the report names
+    it, and the next unlearning phase audits it again, so its deletion request is opened, applied and
+    verified. (A hospital that raises instead: the unlearning-rounds test below.)"""
+    import threading
+    from types import SimpleNamespace
+
+    import clients.faults
     from fl_unlearn.ledger import Ledger, verify
 
+    released = threading.Event()
+
+    def hang(seconds: float) -> None:  # a hospital that never answers, until the test is over
+        released.wait(seconds)
+        raise RuntimeError("the hung hospital was released after the test")
+
+    monkeypatch.setattr(clients.faults, "time", SimpleNamespace(sleep=hang))
     cohort, plan = load_federation(test_config)
     requester = str(min(plan.hospital_rows(cohort.table, 2)["patient"]))
     (tmp_path / "requests.csv").write_text(f"hospital,patient\nhospital-2,{requester}\n")
-    config = test_config.replace(fail_hospital=2, fail_phase="audit", unlearn_methods="kl-away,ga", unlearn_cycles=1,
+    config = test_config.replace(fail_hospital=2, fail_phase="audit", fail_mode="hang", reply_timeout_s=10.0,
+                                 unlearn_methods="kl-away,ga", unlearn_cycles=1,
                                  deletion_requests=str(tmp_path / "requests.csv"))
-    _run(config)
+    try:
+        _run(config)
+    finally:
+        released.set()
 
     manifest = json.loads((config.run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     assert [(m["hospital"], m["phase"], m["step"]) for m in manifest["missed"]] == \
         [("hospital-2", "audit", "audit of 'original'")]
-    assert "injected failure" in manifest["missed"][0]["error"]
+    assert manifest["missed"][0]["error"] == "no reply within 10 s"
     audit = json.loads((config.run_dir / "audit" / "original.json").read_text())
     assert set(audit["hospitals"]) == {"hospital-0", "hospital-1", "hospital-2"}  # audited again, complete now
     entries = Ledger(config.run_dir / "ledger.jsonl").entries()

@@ -19,8 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(os.environ.get("FL_UNLEARN_DEPLOYMENT") != "1",
-                                reason="deployment runs take ~10 min; set FL_UNLEARN_DEPLOYMENT=1 to run them")
+pytestmark = [pytest.mark.skipif(os.environ.get("FL_UNLEARN_DEPLOYMENT") != "1",
+                                 reason="deployment runs take ~10 min; set FL_UNLEARN_DEPLOYMENT=1 to run them"),
+              pytest.mark.timeout(2400)]
 
 
 def _flower_processes(flwr_home: Path) -> list[psutil.Process]:
