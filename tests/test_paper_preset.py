@@ -60,8 +60,8 @@ def write_mimic_folder(root: Path, cache: Path, subjects: int = 36) -> dict:
 #: The paper preset shrunk to test sizes; the kinds of everything (backbones, loss, splits, labels) stay.
 TINY = {"image-size": 32, "vae-channels": "8,8,16,16", "vae-rounds": 1, "vae-local-steps": 2, "vae-batch-size": 8,
         "unet-channels": "16,32", "unet-layers-per-block": 1, "ldm-rounds": 1, "ldm-local-steps": 2,
-        "ldm-batch-size": 8, "num-synthetic": 8, "sample-steps": 3, "reid-rounds": 1, "reid-local-steps": 2,
-        "reid-batch-size": 8, "reid-eval-pairs": 16, "classifier-steps": 2, "classifier-rounds": 1, "classifier-local-steps": 2,
+        "ldm-batch-size": 8, "num-synthetic": 8, "sample-steps": 3, "reid-rounds": 1, "reid-local-steps": 1,
+        "reid-batch-size": 4, "reid-eval-pairs": 8, "classifier-steps": 2, "classifier-rounds": 1, "classifier-local-steps": 2,
         "unlearn-rounds": 1, "unlearn-local-steps": 1, "unlearn-batch-size": 4, "wait-for-nodes-s": 10.0,
         "unlearn-methods": "kl-away,salun-kl-away"}  # one plain method and the one with a saliency mask
 
