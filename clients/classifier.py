@@ -16,9 +16,7 @@ State = dict[str, torch.Tensor]
 def classifier_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[State, dict]:
     """Local cardiomegaly-classifier steps on this hospital's training images."""
     cfg = hospital.config
-    model = build_classifier(cfg.classifier_backbone)
-    model.load_state_dict(state)
-    model.to(hospital.device)
+    model = hospital.load(build_classifier(cfg.classifier_backbone), state)
     rows = hospital.split.train
     stats = train_classifier(model, hospital.cohort.load_images(rows), rows["label"].to_numpy(), ClassifierTrainConfig(
         steps=cfg.classifier_local_steps, bf16=cfg.bf16,

@@ -21,9 +21,7 @@ State = dict[str, torch.Tensor]
 def vae_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[State, dict]:
     """Local autoencoder steps on all of this hospital's training images (not the holdout patients)."""
     cfg = hospital.config
-    vae = build_vae(cfg.vae, cfg.image_size)
-    vae.load_state_dict(state)
-    vae.to(hospital.device)
+    vae = hospital.load(build_vae(cfg.vae, cfg.image_size), state)
     images = hospital.cohort.load_images(hospital.split.train)
     stats = train_vae(vae, images, VAETrainConfig(
         steps=cfg.vae_local_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, kl_weight=cfg.vae_kl_weight,
@@ -36,9 +34,7 @@ def vae_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[S
 def encode_cache(hospital: Hospital, vae_state: State) -> tuple[int, dict]:
     """Encode the LDM images once with the global autoencoder into the hospital's own work directory."""
     cfg = hospital.config
-    vae = build_vae(cfg.vae, cfg.image_size)
-    vae.load_state_dict(vae_state)
-    vae.to(hospital.device)
+    vae = hospital.load(build_vae(cfg.vae, cfg.image_size), vae_state)
     rows = hospital.split.ldm
     latents = encode_latents(vae, hospital.cohort.load_images(rows))
     # Kept locally: re-identification training and the audit's false-positive control decode with it.
@@ -53,9 +49,7 @@ def local_vae(hospital: Hospital):
     path = hospital.work_dir / "vae.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{hospital.name} has no autoencoder at {path}: the encode phase did not run here")
-    vae = build_vae(hospital.config.vae, hospital.config.image_size)
-    vae.load_state_dict(load_checkpoint(path)[0])
-    return vae.to(hospital.device).eval()
+    return hospital.load(build_vae(hospital.config.vae, hospital.config.image_size), load_checkpoint(path)[0]).eval()
 
 
 def load_latent_cache(hospital: Hospital) -> tuple[np.ndarray, np.ndarray]:
@@ -77,9 +71,7 @@ def ldm_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[S
     rnd = int(config["round"])
     latents, labels = load_latent_cache(hospital)
     stats = LatentStats(tuple(config["latent-mean"]), tuple(config["latent-std"]))
-    unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
-    unet.load_state_dict(state)
-    unet.to(hospital.device)
+    unet = hospital.load(build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels), state)
     optimizer_state = hospital.optimizer_state("ldm", rnd - 1)
     result = train_ldm(unet, train_scheduler(cfg.noise_schedule), stats.normalize(latents).numpy(), labels,
                        LDMTrainConfig(steps=cfg.ldm_local_steps, batch_size=cfg.ldm_batch_size, lr=cfg.ldm_lr,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 import torch
@@ -15,6 +16,8 @@ from fl_unlearn.data.partition import HospitalSplit, hospital_name
 from fl_unlearn.data.sources import Cohort, hospital_split, load_federation
 from fl_unlearn.errors import ConfigError
 from fl_unlearn.io import atomic_path
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass
@@ -58,6 +61,12 @@ class Hospital:
     def device(self) -> torch.device:
         """Where this hospital trains: its GPU share when the federation gave it one, else the CPU."""
         return self.config.torch_device
+
+    def load(self, model: M, state: dict[str, torch.Tensor] | None = None) -> M:
+        """``model`` with ``state`` loaded (if given), on this hospital's device: every handler builds its models so."""
+        if state is not None:
+            model.load_state_dict(state)
+        return model.to(self.device)
 
     @cached_property
     def split(self) -> HospitalSplit:

@@ -38,10 +38,7 @@ def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: 
     cfg = hospital.config
     seed = derived_seed(cfg.seed, "reid", round_, hospital.index)
     torch.manual_seed(seed)
-    nets = ReIDNetworks(cfg.reid)
-    if state is not None:
-        nets.load_state_dict(state)
-    nets.to(hospital.device)
+    nets = hospital.load(ReIDNetworks(cfg.reid), state)
     rows = hospital.split.train
     stats = train_reid(nets, hospital.cohort.load_images(rows), rows["patient"].to_numpy(), steps=steps,
                        batch_size=cfg.reid_batch_size, lr=cfg.reid_lr, seed=seed, degrade=degrade,
@@ -80,15 +77,14 @@ def keep_and_evaluate(hospital: Hospital, state: State | None) -> dict:
         nets, _, _ = train_local(hospital, None, steps=cfg.reid_rounds * cfg.reid_local_steps, round_=0,
                                  degrade=degrade)
     else:
-        nets = ReIDNetworks(cfg.reid)
-        nets.load_state_dict(state)
-        nets.to(hospital.device)
+        nets = hospital.load(ReIDNetworks(cfg.reid), state)
     save_checkpoint(hospital.work_dir / CHECKPOINT, nets.state_dict(),
                     {"backbone": cfg.reid_backbone, "federated": cfg.reid_federated})
     (hospital.work_dir / "audit" / "control.json").unlink(missing_ok=True)  # measured with the old networks
     holdout = hospital.split.holdout
     result = evaluate_reid(nets.eval(), hospital.cohort.load_images(holdout), holdout["patient"].to_numpy(),
-                           pairs=cfg.reid_eval_pairs, seed=derived_seed(cfg.seed, "reid-eval", hospital.index), degrade=degrade)
+                           pairs=cfg.reid_eval_pairs, seed=derived_seed(cfg.seed, "reid-eval", hospital.index),
+                           degrade=degrade)
     result.update({"holdout-patients": int(holdout["patient"].nunique()), "holdout-images": len(holdout)})
     return result
 
@@ -98,6 +94,4 @@ def load_networks(hospital: Hospital) -> ReIDNetworks:
     if not path.is_file():
         raise FileNotFoundError(f"{hospital.name} has no re-identification networks at {path}: "
                                 f"the train-reid phase did not finish here")
-    nets = ReIDNetworks(hospital.config.reid)
-    nets.load_state_dict(load_checkpoint(path)[0])
-    return nets.to(hospital.device).eval()
+    return hospital.load(ReIDNetworks(hospital.config.reid), load_checkpoint(path)[0]).eval()

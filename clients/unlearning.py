@@ -42,9 +42,7 @@ def _latents(hospital: Hospital, config: ConfigRecord) -> tuple[np.ndarray, np.n
 
 def _unet(hospital: Hospital, state: State):
     cfg = hospital.config
-    unet = build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels)
-    unet.load_state_dict(state)
-    return unet.to(hospital.device)
+    return hospital.load(build_unet(cfg.unet, cfg.latent_size, cfg.vae_latent_channels), state)
 
 
 def saliency(hospital: Hospital, theta0: State, config: ConfigRecord) -> State | None:

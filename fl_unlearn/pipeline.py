@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 
 from fl_unlearn.models.diffusion import NULL_CLASS
+from fl_unlearn.training.common import model_device
 from fl_unlearn.training.vae import decode_latents
 
 
@@ -65,7 +66,7 @@ def sample_latents(unet: UNet2DModel, scheduler: DDIMScheduler, labels: np.ndarr
                    shape: tuple[int, int, int], config: SamplerConfig) -> torch.Tensor:
     """Normalised latents [N,*shape]. Image i depends only on (labels[i], seeds[i]), not on its batch."""
     unet.eval()
-    device = next(unet.parameters()).device  # the noise is drawn on the CPU: a seed gives one image anywhere
+    device = model_device(unet)  # the noise is drawn on the CPU: a seed gives one image anywhere
     out = []
     for start in range(0, len(labels), config.batch_size):
         y = torch.as_tensor(labels[start: start + config.batch_size]).long().to(device)

@@ -28,9 +28,8 @@ def fedavg_rounds(federation: Federation, run: RunDirectory, *, phase: str, roun
 
     ``before_round(round, global_state)`` returns more config entries and records (e.g. a saliency
     mask) for that round's message, or None to end the rounds there; it also runs for the first
-    round after a resume. Returns the
-    final global state (``"global"``), the server-side EMA when ``ema_decay`` > 0 (``"ema"``), and
-    per-round hospital metrics (``"history"``).
+    round after a resume. Returns the final global state (``"global"``), the server-side EMA when
+    ``ema_decay`` > 0 (``"ema"``), and per-round hospital metrics (``"history"``).
     """
     start_round, state, ema = 1, initial, None
     done = run.manifest["phases"].get(phase, {}).get("round", 0)

@@ -61,7 +61,8 @@ def _regenerate_and_audit(federation: Federation, run: RunDirectory, vae, state:
     index = pd.read_csv(run.file("synthetic", "original", "index.csv"))
     sampler = sampler_config(cfg)
     labels, seeds = index["label"].to_numpy(), index["seed"].to_numpy()
-    images = generate_images(vae, unet.to(cfg.torch_device).eval(), sampling_scheduler(cfg.noise_schedule), stats, labels, seeds, sampler)
+    unet.to(cfg.torch_device).eval()
+    images = generate_images(vae, unet, sampling_scheduler(cfg.noise_schedule), stats, labels, seeds, sampler)
     save_synthetic_set(run, name, images, labels, seeds, sampler)
     return audit_set(federation, run, name, grow=grow)
 

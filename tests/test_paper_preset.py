@@ -3,7 +3,7 @@ images are missing, and run end to end with tiny sizes (the paper's backbones, l
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -16,14 +16,10 @@ from PIL import Image
 from fl_unlearn.config import PRESET_DIR, load_preset
 from fl_unlearn.data.phantom import PhantomConfig, load_phantom
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"scripts.{name}")
 
 
 def write_mimic_folder(root: Path, cache: Path, subjects: int = 36) -> dict:

@@ -20,6 +20,7 @@ from torch import nn
 
 from fl_unlearn.errors import ConfigError, DataError
 from fl_unlearn.models.reid import ReIDNetworks, RetrievalNet, VerificationNet, to_input
+from fl_unlearn.training.common import model_device
 
 #: Share of the verification negatives' loss on the hardest impostors. Phantom, 64 px, 200 training
 #: patients: unseen patients' nearest-neighbour audits flagged at 0.5 fell from 1% (share 0.5) to 0.3%.
@@ -127,10 +128,6 @@ def _patient_codes(patients: Sequence | np.ndarray, n_images: int) -> np.ndarray
     return codes
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch's generators for a block and restore the caller's random state afterwards."""
@@ -170,7 +167,7 @@ def _fit(model: nn.Module, *, steps: int, lr: float, seed: int, batch_loss: Call
     start = time.perf_counter()
     was_training = model.training
     model.train()
-    with _seeded(seed, _device(model)):
+    with _seeded(seed, model_device(model)):
         for i in range(steps):
             for group in optimiser.param_groups:
                 group["lr"] = lr * one_cycle(start_step + i, total)
@@ -238,7 +235,7 @@ def train_retrieval(
         losses.ContrastiveLoss(pos_margin=0, neg_margin=1),
         embedding_size=model.config.embedding_dim,
         memory_size=max(memory_size, batch),
-    ).to(_device(model))
+    ).to(model_device(model))
     degradations = _degradations(degrade)
     rng = np.random.default_rng(seed)
     batches = iter(order)
@@ -246,10 +243,10 @@ def train_retrieval(
     def batch_loss() -> torch.Tensor:
         batch_rows = next(batches)
         x = _prepare(
-            pixels, batch_rows, model.config.input_size, _device(model),
+            pixels, batch_rows, model.config.input_size, model_device(model),
             degraded=rng.random(batch) < 0.5, degradations=degradations,
         )
-        return loss_fn(model.embed(x), labels[batch_rows].to(_device(model)))
+        return loss_fn(model.embed(x), labels[batch_rows].to(model_device(model)))
 
     return _fit(model, steps=steps, lr=lr, seed=seed, batch_loss=batch_loss, start_step=start_step,
                 total_steps=total_steps, optimizer_state=optimizer_state)
@@ -312,7 +309,7 @@ def train_verification(
         same_visit = rng.integers(len(codes), size=batch_size - len(cross_a))  # all of them if no patient has 2 images
         a, b = np.concatenate([cross_a, same_visit]), np.concatenate([cross_b, same_visit])
         x = _prepare(
-            pixels, np.concatenate([a, b]), model.config.input_size, _device(model),
+            pixels, np.concatenate([a, b]), model.config.input_size, model_device(model),
             degraded=rng.random(2 * batch_size) < 0.5, degradations=degradations,
         )
         features = model.features(x)
@@ -348,7 +345,7 @@ def _batched(
 
 def embed(model: RetrievalNet, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """L2-normalised embeddings float32 ``[N, embedding_dim]``; compare them with Euclidean distance."""
-    size, device = model.config.input_size, _device(model)
+    size, device = model.config.input_size, model_device(model)
     return _batched(
         model, len(images), batch_size,
         lambda s: model.embed(to_input(images[s], size).to(device)), (model.config.embedding_dim,),
@@ -361,7 +358,7 @@ def verify(
     """Same-patient probabilities float32 ``[N]`` in [0, 1] of the pairs ``(a[i], b[i])``."""
     if len(a) != len(b):
         raise DataError(f"verify needs as many first as second images, got {len(a)} and {len(b)}")
-    size, device = model.config.input_size, _device(model)
+    size, device = model.config.input_size, model_device(model)
     return _batched(
         model, len(a), batch_size,
         lambda s: model.score(to_input(a[s], size).to(device), to_input(b[s], size).to(device)), (),
@@ -396,7 +393,7 @@ def verification_auc(
         "auc": float(roc_auc_score(truth, verify(model, pixels[np.r_[same_a, neg_a]], pixels[np.r_[same_b, neg_b]]))),
     }
     if degrade is not None:
-        with _seeded(seed, _device(model)):
+        with _seeded(seed, model_device(model)):
             degraded = _degraded(pixels[np.r_[same_a, neg_a]], (degrade,))
         copy_scores = verify(model, degraded[:pairs], pixels[same_a])
         visit_scores = verify(model, degraded[:pairs], pixels[same_b])

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from fl_unlearn.errors import DataError
+from fl_unlearn.training.common import model_device
 from fl_unlearn.training.ldm import diffusion_loss
 from fl_unlearn.unlearning.methods import Batch, UnlearnConfig, get_method
 
@@ -47,7 +48,7 @@ def unlearn(unet: UNet2DModel, theta0: UNet2DModel, scheduler: DDPMScheduler, me
     if not len(z_r) and z_f is None:
         raise DataError("unlearning needs a forget or a remain set; both are empty")
     gen = torch.Generator().manual_seed(seed)
-    device = next(unet.parameters()).device  # data and random draws stay on the CPU; batches move
+    device = model_device(unet)  # data and random draws stay on the CPU; batches move
     mask = {name: m.to(device) for name, m in mask.items()} if mask is not None else None
     theta0.eval()  # only ever called under no_grad
     unet.train()
@@ -104,11 +105,11 @@ def saliency_scores(unet: UNet2DModel, scheduler: DDPMScheduler, forget: tuple[n
     gen = torch.Generator().manual_seed(seed)
     params = dict(unet.named_parameters())
     total = {name: torch.zeros_like(p) for name, p in params.items()}
+    device = model_device(unet)
     unet.eval()
     for _ in range(batches):
         idx = torch.randint(len(z_f), (min(batch_size, len(z_f)),), generator=gen)
         unet.zero_grad(set_to_none=True)
-        device = next(unet.parameters()).device
         diffusion_loss(unet, scheduler, z_f[idx].to(device), y_f[idx].to(device), gen).backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         for name, p in params.items():
