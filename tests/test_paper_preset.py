@@ -17,7 +17,6 @@ from fl_unlearn.config import PRESET_DIR, load_preset
 from fl_unlearn.data.phantom import PhantomConfig, load_phantom
 
 
-
 def _script(name: str):
     return importlib.import_module(f"scripts.{name}")
 
