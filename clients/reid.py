@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord
 
@@ -17,18 +18,19 @@ from clients.hospital import Hospital
 from fl_unlearn.checkpoint import load_checkpoint, save_checkpoint
 from fl_unlearn.models.reid import ReIDNetworks
 from fl_unlearn.training.common import derived_seed
-from fl_unlearn.training.reid import evaluate_reid, train_reid
+from fl_unlearn.training.reid import Precomputed, evaluate_reid, train_reid
 from fl_unlearn.training.vae import reconstruct
 
 State = dict[str, torch.Tensor]
 CHECKPOINT = "reid.safetensors"
 
 
-def _degrade(hospital: Hospital):
-    return partial(reconstruct, local_vae(hospital))
+def _degrade(hospital: Hospital, images: np.ndarray) -> Precomputed:
+    """The global autoencoder's reconstruction of ``images``, computed once (it is fixed in this phase)."""
+    return Precomputed(partial(reconstruct, local_vae(hospital)), images)
 
 
-def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: int, degrade,
+def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: int,
                 start_step: int = 0, total_steps: int | None = None,
                 optimizer_state: dict | None = None) -> tuple[ReIDNetworks, dict, dict]:
     """``steps`` local steps of both networks from ``state`` (None: fresh networks seeded per hospital).
@@ -40,8 +42,9 @@ def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: 
     torch.manual_seed(seed)
     nets = hospital.load(ReIDNetworks(cfg.reid), state)
     rows = hospital.split.train
-    stats = train_reid(nets, hospital.cohort.load_images(rows), rows["patient"].to_numpy(), steps=steps,
-                       batch_size=cfg.reid_batch_size, lr=cfg.reid_lr, seed=seed, degrade=degrade,
+    images = hospital.cohort.load_images(rows)
+    stats = train_reid(nets, images, rows["patient"].to_numpy(), steps=steps,
+                       batch_size=cfg.reid_batch_size, lr=cfg.reid_lr, seed=seed, degrade=_degrade(hospital, images),
                        start_step=start_step, total_steps=total_steps, optimizer_state=optimizer_state)
     optimizer = stats.pop("optimizer_state")
     return nets, {"num-examples": len(rows), "loss": stats["retrieval_loss"] + stats["verification_loss"],
@@ -60,7 +63,7 @@ def reid_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[
     rnd, local = int(config["round"]), cfg.reid_local_steps
     optimizer_state = hospital.optimizer_state("reid", rnd - 1)
     nets, metrics, optimizer = train_local(
-        hospital, state, steps=local, round_=rnd, degrade=_degrade(hospital), start_step=(rnd - 1) * local,
+        hospital, state, steps=local, round_=rnd, start_step=(rnd - 1) * local,
         total_steps=cfg.reid_rounds * local, optimizer_state=optimizer_state)
     hospital.keep_optimizer_state("reid", rnd, optimizer)
     return nets.state_dict(), {**metrics, "fresh-optimizer": int(rnd > 1 and optimizer_state is None)}
@@ -72,19 +75,18 @@ def keep_and_evaluate(hospital: Hospital, state: State | None) -> dict:
     ``state`` is the final global model (federated), or None to train local-only networks here.
     """
     cfg = hospital.config
-    degrade = _degrade(hospital)
     if state is None:
-        nets, _, _ = train_local(hospital, None, steps=cfg.reid_rounds * cfg.reid_local_steps, round_=0,
-                                 degrade=degrade)
+        nets, _, _ = train_local(hospital, None, steps=cfg.reid_rounds * cfg.reid_local_steps, round_=0)
     else:
         nets = hospital.load(ReIDNetworks(cfg.reid), state)
     save_checkpoint(hospital.work_dir / CHECKPOINT, nets.state_dict(),
                     {"backbone": cfg.reid_backbone, "federated": cfg.reid_federated})
     (hospital.work_dir / "audit" / "control.json").unlink(missing_ok=True)  # measured with the old networks
     holdout = hospital.split.holdout
-    result = evaluate_reid(nets.eval(), hospital.cohort.load_images(holdout), holdout["patient"].to_numpy(),
+    images = hospital.cohort.load_images(holdout)
+    result = evaluate_reid(nets.eval(), images, holdout["patient"].to_numpy(),
                            pairs=cfg.reid_eval_pairs, seed=derived_seed(cfg.seed, "reid-eval", hospital.index),
-                           degrade=degrade)
+                           degrade=_degrade(hospital, images))
     result.update({"holdout-patients": int(holdout["patient"].nunique()), "holdout-images": len(holdout)})
     return result
 

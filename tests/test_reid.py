@@ -11,6 +11,7 @@ from fl_unlearn.errors import ConfigError, DataError
 from fl_unlearn.models.reid import ReIDConfig, RetrievalNet, VerificationNet, build_backbone, to_input
 from fl_unlearn.privacy.audit import AuditConfig, audit, false_positive_control
 from fl_unlearn.training.reid import (
+    Precomputed,
     blur_noise,
     calibrate_threshold,
     embed,
@@ -160,7 +161,7 @@ def test_same_seed_gives_identical_weights(kind, tmp_path):
 
 @pytest.mark.parametrize("total", [1, 7, 40, 400])
 def test_one_cycle_is_torchs_one_cycle(total):
-    from fl_unlearn.training.reid import one_cycle
+    from fl_unlearn.training.common import one_cycle
 
     optimiser = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-3, total_steps=total, pct_start=0.15)
@@ -185,7 +186,7 @@ def test_rounds_continue_one_schedule_and_adams_moments(tmp_path):
     second = train_verification(halves, pixels, patient, steps=3, batch_size=8, seed=1, start_step=3, total_steps=6,
                                 optimizer_state=kept)
     assert second["optimizer_state"]["state"][0]["step"] == 6  # Adam's bias correction continued
-    from fl_unlearn.training.reid import one_cycle
+    from fl_unlearn.training.common import one_cycle
 
     assert first_lr == [pytest.approx(1e-3 * one_cycle(2, 6))]
     with pytest.raises(ConfigError, match="fit in the schedule"):
@@ -362,3 +363,22 @@ def test_calibrate_threshold_rejects_bad_input():
         calibrate_threshold([0.1, 0.2], 1.0)
     with pytest.raises(DataError):
         calibrate_threshold([], 0.05)
+
+
+def test_a_precomputed_degradation_returns_what_degrading_each_batch_returns():
+    rng = np.random.default_rng(0)
+    known = rng.integers(0, 256, (6, 16, 16), dtype=np.uint8)
+    other = rng.integers(0, 256, (2, 16, 16), dtype=np.uint8)
+    calls = []
+
+    def degrade(images):
+        calls.append(len(images))
+        return (255 - images).astype(np.uint8)
+
+    cached = Precomputed(degrade, known, batch_size=4)
+    assert calls == [4, 2]  # the whole set once, in batches
+    batch = known[[5, 0, 0, 3]]
+    np.testing.assert_array_equal(cached(batch), degrade(batch))
+    mixed = np.concatenate([known[[1]], other, known[[2]]])
+    np.testing.assert_array_equal(cached(mixed), 255 - mixed)
+    assert calls[-1] == 2  # only the two unknown images were degraded on demand

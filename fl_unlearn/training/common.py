@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -35,6 +36,20 @@ def autocast(enabled: bool, device: torch.device | str = "cpu") -> contextlib.Ab
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def one_cycle(step: int, total: int, *, pct_start: float = 0.15, div: float = 25.0, final_div: float = 1e4) -> float:
+    """The learning-rate factor of torch's ``OneCycleLR`` (cosine, its defaults) at ``step`` of ``total``.
+
+    Written out so that FedAvg rounds can continue one schedule: round r's local steps are steps
+    ``(r-1)·k … r·k-1`` of a cycle over all rounds, not a fresh warm-up and anneal every round.
+    """
+    warm = float(pct_start * total) - 1
+    def cos(a: float, b: float, frac: float) -> float:  # a Python float: it lands in the optimizer's state dict
+        return b + (a - b) / 2.0 * (math.cos(math.pi * frac) + 1)
+    if step <= warm:
+        return cos(1 / div, 1.0, step / warm) if warm > 0 else 1.0
+    return cos(1.0, 1 / (div * final_div), (step - warm) / max(total - 1 - warm, 1e-12))
 
 
 def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
