@@ -41,6 +41,7 @@ from fl_unlearn.config import load_preset
 from fl_unlearn.io import write_json_atomic, write_text_atomic
 from fl_unlearn.runs import library_versions
 from scripts.bench_generative import matmul_gflops, time_step
+from scripts.run import parallel_hospitals
 
 TARGETS = {"pipeline_seconds": 600.0, "federated_overhead": 1.15, "unlearning_cost_ratio": 0.05,
            "fraction_of_matmul": 0.6, "search_over_embedding_at_100k": 0.10, "ten_hospitals_gb": 8.0}
@@ -150,9 +151,9 @@ def memory_per_hospital(preset: str, steps: int, cache: str) -> dict:
     code = MEMORY_PROBE.format(root=str(ROOT), preset=preset, steps=steps, cache=cache)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-    # Ray runs simulated hospitals in a pool of actor processes, one per CPU share (1 CPU each by default):
-    # 10 hospitals on this machine live in min(10, cores) processes, not 10.
-    actors = min(10, os.cpu_count() or 1)
+    # Ray runs simulated hospitals in a pool of actor processes, as many as the launcher gives it slots
+    # (scripts/run.py: all hospitals up to twice the cores, else one per core), not one per hospital.
+    actors = parallel_hospitals(10, os.cpu_count() or 1)
     return {"preset": preset, "peak_rss_mb": round(peak, 1), "actors_for_ten": actors,
             "ten_hospitals_gb": round(actors * peak / 1024, 2),
             "ten_processes_gb": round(10 * peak / 1024, 2)}

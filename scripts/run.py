@@ -49,6 +49,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def parallel_hospitals(hospitals: int, cores: int) -> int:
+    """Ray actors to run hospitals in: with one per core, 3 hospitals on 2 cores take two waves per round
+    (the second on one core while the other idles); all 3 at once share both cores and a FedAvg round
+    took 0.83 of the time (measured: three 1-thread VAE trainings, 8.5 s at once against 5.2 + 5.0 s).
+    Beyond twice the cores the tail wave is small next to the rest and every extra actor costs memory."""
+    return hospitals if hospitals <= 2 * cores else cores
+
+
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     import httpx
 
@@ -72,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=str(ROOT / "runs"), help="where runs/<run-name>/ is written")
     parser.add_argument("--flwr-home", default=str(ROOT / ".flwr-home"), help="FLWR_HOME for this launcher")
     parser.add_argument("--cpus-per-hospital", type=int, default=1)
+    parser.add_argument("--parallel-hospitals", type=int, default=None,
+                        help="how many simulated hospitals train at once (Ray is told there are this many "
+                             "CPU slots); default: all of them when they are at most twice the cores, else "
+                             "one per core")
     parser.add_argument("--gpus-per-hospital", type=float, default=None,
                         help="GPU share of each simulated hospital (Ray); default: the visible GPUs split evenly "
                              "between the hospitals, 0 without CUDA")
@@ -131,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = ["flwr", "run", str(ROOT), connection, "--stream",
            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in pairs.items())]
     if not args.deployment:
+        slots = args.parallel_hospitals or parallel_hospitals(config.num_hospitals, os.cpu_count() or 1)
         federation = (f"num-supernodes={config.num_hospitals} client-resources-num-cpus={args.cpus_per_hospital} "
-                      f"client-resources-num-gpus={args.gpus_per_hospital}")
+                      f"client-resources-num-gpus={args.gpus_per_hospital} "
+                      f"init-args-num-cpus={slots * args.cpus_per_hospital}")
         cmd[5:5] = ["--federation-config", federation]
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
