@@ -2,6 +2,7 @@
 """The performance benchmarks, side by side on this machine, against the project's targets.
 
     python scripts/bench.py --run-dir runs/cpu          # a finished cpu run supplies the end-to-end figures
+    python scripts/bench.py --run-dir runs/cpu --before-run-dir old/cpu   # and per phase against an older run
     python scripts/bench.py --tiny                       # seconds: the schema check the test suite runs
 
 Writes ``benchmarks/results.json`` and ``benchmarks/results.md`` (``--out``). Sections:
@@ -191,6 +192,34 @@ def from_run(run_dir: Path, central_steps: int) -> dict:
             "unlearning_cost": {"reference": "retrain" if "retrain" in rows else "training θ0", **cost}}
 
 
+def phase_seconds(run_dir: Path) -> dict[str, float]:
+    """Wall seconds of each phase of a finished run, from its manifest."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return {k: v["seconds"] for k, v in manifest["phases"].items() if v.get("seconds") is not None}
+
+
+def before_after(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Per-phase wall time of two runs of the same preset (e.g. an older commit's and this one's)."""
+    phases = [*after, *(k for k in before if k not in after)]
+    rows = [{"phase": k, "before_s": before.get(k), "after_s": after.get(k),
+             "after_over_before": round(after[k] / before[k], 3) if before.get(k) and k in after else None}
+            for k in phases]
+    total_before, total_after = round(sum(before.values()), 1), round(sum(after.values()), 1)
+    return {"phases": rows, "before_s": total_before, "after_s": total_after,
+            "after_over_before": round(total_after / total_before, 3) if total_before else None}
+
+
+def before_after_markdown(comparison: dict, before: str, after: str) -> str:
+    fmt = lambda v: "–" if v is None else f"{v:g}"
+    lines = [f"Before: `{before}`; after: `{after}`.", "", "| phase | before (s) | after (s) | after / before |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['phase']} | {fmt(r['before_s'])} | {fmt(r['after_s'])} | {fmt(r['after_over_before'])} |"
+              for r in comparison["phases"]]
+    lines.append(f"| **pipeline** | {comparison['before_s']:g} | {comparison['after_s']:g} | "
+                 f"{fmt(comparison['after_over_before'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
     lines = [(f"# Benchmarks ({results['machine']['cpu']}, {results['machine']['cores']} cores, "
              f"torch {results['versions']['torch']})"), "", "| measure | value | target | met |", "|---|---|---|---|"]
@@ -220,6 +249,9 @@ def markdown(results: dict) -> str:
     row(f"10 simulated hospitals' peak RSS (GB; {m['actors_for_ten']} Ray actors of {m['peak_rss_mb']:.0f} MB)",
         m["ten_hospitals_gb"], "≤ 8", m["ten_hospitals_gb"] <= 8.0)
     row("10 hospitals as 10 processes (deployment on one host; GB)", m["ten_processes_gb"], "–", True)
+    if "before_after" in results:
+        lines += ["", "## Before and after, per phase", "",
+                  before_after_markdown(results["before_after"], results["before_after"]["before_run"], run["run"])]
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=None, help="a finished run: end-to-end, overhead and unlearning cost")
     parser.add_argument("--tiny", action="store_true", help="small sizes: checks the script and its schema")
+    parser.add_argument("--before-run-dir", default=None,
+                        help="with --run-dir: a finished run of the same preset by older code, compared phase by phase")
     parser.add_argument("--out", default=str(ROOT / "benchmarks"))
     parser.add_argument("--cache-dir", default="")
     args = parser.parse_args(argv)
@@ -243,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     results["memory"] = memory_per_hospital(preset, steps=2 if tiny else 20, cache=cache)
     if args.run_dir:
         results["run"] = from_run(Path(args.run_dir), central_steps=5 if tiny else 100)
+        if args.before_run_dir:
+            results["before_after"] = {"before_run": str(Path(args.before_run_dir)), **before_after(
+                phase_seconds(Path(args.before_run_dir)), phase_seconds(Path(args.run_dir)))}
     results["peak_rss_mb_bench"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out = Path(args.out)
     write_json_atomic(out / "results.json", results)

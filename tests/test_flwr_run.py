@@ -86,3 +86,19 @@ def test_the_benchmark_script_runs_and_writes_its_schema(tmp_path):
     assert [r["real"] for r in results["audit"]["rows"]] == [100, 1000]
     assert results["memory"]["peak_rss_mb"] > 0
     assert "| measure | value | target | met |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_benchmark_compares_two_runs_phase_by_phase(tmp_path):
+    from scripts.bench import before_after, before_after_markdown, phase_seconds
+
+    for name, phases in {"old": {"train-vae": {"seconds": 600.0}, "evaluate": {"seconds": 100.0}},
+                         "new": {"train-vae": {"seconds": 300.0}, "evaluate": {"seconds": 100.0},
+                                 "unlearn-retrain": {"status": "running"}}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"phases": phases}))
+    comparison = before_after(phase_seconds(tmp_path / "old"), phase_seconds(tmp_path / "new"))
+    assert comparison["before_s"] == 700.0 and comparison["after_s"] == 400.0
+    assert comparison["after_over_before"] == pytest.approx(400 / 700, abs=1e-3)
+    assert [(r["phase"], r["after_over_before"]) for r in comparison["phases"]] == [("train-vae", 0.5), ("evaluate", 1.0)]
+    table = before_after_markdown(comparison, "old", "new")
+    assert "| train-vae | 600 | 300 | 0.5 |" in table and "| **pipeline** | 700 | 400 | 0.571 |" in table
