@@ -7,6 +7,8 @@ itself never does):
      their requested label (ROC AUC), next to its AUC on the real held-out test set;
   2. identity survives the autoencoder: a verification network trained on real images scores
      (image, VAE reconstruction) pairs of held-out patients against different-patient pairs (ROC AUC);
+     on the phantom also the share of held-out studies whose granulomas and devices the autoencoder
+     keeps (at least half of the mark's contrast; ``fl_unlearn.evaluation.marks``);
   3. memorization in pixel space: Carlini et al.'s nearest-neighbour ratio of each synthetic image
      against the LDM's training images;
 and writes a reconstruction grid (real above, reconstructed below).
@@ -20,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fl_unlearn.checkpoint import load_checkpoint
 from fl_unlearn.config import RunConfig
 from fl_unlearn.data.inspect import save_png
-from fl_unlearn.data.sources import hospital_split, load_federation
+from fl_unlearn.data.sources import hospital_split, load_federation, phantom_config
+from fl_unlearn.evaluation.marks import MARKS, mark_retention, render_pair
 from fl_unlearn.evaluation.metrics import auc_with_ci
 from fl_unlearn.io import write_json_atomic
 from fl_unlearn.models.classifier import build_classifier
@@ -82,8 +86,11 @@ def main() -> None:
     report["vae_mae_gray_levels"] = float(np.abs(recon.astype(float) - held).mean())
     report.update(identity_through_vae(config, cohort.load_images(train_rows), train_rows["patient"].to_numpy(),
                                        held, recon, holdout_rows["patient"].to_numpy(), args.reid_steps))
-    n = min(8, len(held))
-    save_png(np.concatenate([np.concatenate(list(held[:n]), 1), np.concatenate(list(recon[:n]), 1)], 0),
+    if config.data_source == "phantom":
+        report["vae_marks"] = {mark: mark_retention(partial(reconstruct, vae), holdout_rows, phantom_config(config), mark)
+                               for mark in MARKS}
+    shown = grid_studies(config, holdout_rows)
+    save_png(np.concatenate([np.concatenate(list(held[shown]), 1), np.concatenate(list(recon[shown]), 1)], 0),
              out / "vae_reconstructions.png", scale=3)
 
     # 3. pixel-space memorization
@@ -96,6 +103,20 @@ def main() -> None:
                                     "median_ratio": round(float(np.median(mem["ratio"])), 3)}
     write_json_atomic(out / "generative_checks.json", report)
     print(json.dumps(report, indent=2))
+
+
+def grid_studies(config: RunConfig, rows: pd.DataFrame, n: int = 8) -> np.ndarray:
+    """Positions of up to ``n`` studies for the reconstruction grid: on the phantom, those showing a
+    device or granulomas first (half each, where there are enough), so the grid shows the small marks."""
+    if config.data_source != "phantom":
+        return np.arange(min(n, len(rows)))
+    phantom = phantom_config(config)
+    granulomas = np.array([bool(render_pair(phantom, int(p.lstrip("P")), int(v), "granulomas"))
+                           for p, v in zip(rows["patient"], rows["visit"], strict=True)])
+    device = (rows["device"] != "none").to_numpy()
+    first = [*np.flatnonzero(device)[: n // 2], *np.flatnonzero(granulomas & ~device)[: n // 2]]
+    rest = [i for i in range(len(rows)) if i not in first]
+    return np.array((first + rest)[:n])
 
 
 def identity_through_vae(config: RunConfig, train_images, train_patients, held, recon, held_patients,

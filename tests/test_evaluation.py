@@ -75,3 +75,25 @@ def test_report_table_plot_and_grid():
     before = np.zeros((3, 4, 4), np.uint8)
     grid = before_after_grid(before, {"kl-away": before + 9}, count=3, pad=1)
     assert grid.shape == (9, 14) and grid[5, 0] == 9
+
+
+def test_mark_retention_is_one_through_identity_and_low_through_a_blur():
+    from scipy.ndimage import uniform_filter
+
+    from fl_unlearn.data.phantom import PhantomConfig, generate_phantom
+    from fl_unlearn.evaluation.marks import mark_retention, render_pair
+
+    phantom = PhantomConfig(num_patients=40, image_size=64, max_images_per_patient=3)
+    table, pixels = generate_phantom(phantom)
+    row, pair = next((r, p) for r in table.itertuples()
+                     if (p := render_pair(phantom, int(r.patient[1:]), r.visit, "granulomas")) is not None)
+    np.testing.assert_array_equal(pair[0], pixels[row.Index])  # "with" is the cohort's own image
+    assert (pair[0] != pair[1]).any()
+    kept = mark_retention(lambda x: x, table, phantom, "granulomas")
+    assert kept["studies"] > 5 and kept["kept"] == 1.0 and kept["median_retention"] == 1.0
+    blurred = mark_retention(lambda x: uniform_filter(x, size=(1, 5, 5)), table, phantom, "granulomas")
+    assert blurred["studies"] == kept["studies"] and blurred["kept"] < 0.2
+    devices = mark_retention(lambda x: x, table, phantom, "device")
+    assert devices["studies"] == 0 or devices["kept"] == 1.0
+    with pytest.raises(DataError, match="unknown mark"):
+        mark_retention(lambda x: x, table, phantom, "tattoo")
