@@ -19,16 +19,27 @@ State = dict[str, torch.Tensor]
 
 
 def vae_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[State, dict]:
-    """Local autoencoder steps on all of this hospital's training images (not the holdout patients)."""
+    """Local autoencoder steps on all of this hospital's training images (not the holdout patients).
+
+    With ``vae-lr-schedule = "one-cycle"`` the rounds follow one learning-rate cycle and the hospital
+    keeps AdamW's moments from its previous round (in its work directory, never sent), as for the LDM.
+    """
     cfg = hospital.config
+    rnd, local = int(config["round"]), cfg.vae_local_steps
+    cycle = cfg.vae_lr_schedule == "one-cycle"
     vae = hospital.load(build_vae(cfg.vae, cfg.image_size), state)
     images = hospital.cohort.load_images(hospital.split.train)
+    optimizer_state = hospital.optimizer_state("vae", rnd - 1) if cycle else None
     stats = train_vae(vae, images, VAETrainConfig(
-        steps=cfg.vae_local_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, kl_weight=cfg.vae_kl_weight,
-        ssim_weight=cfg.vae_ssim_weight, bf16=cfg.bf16,
-        seed=derived_seed(cfg.seed, "vae", int(config["round"]), hospital.index)))
+        steps=local, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, kl_weight=cfg.vae_kl_weight,
+        ssim_weight=cfg.vae_ssim_weight, hard_pixel_weight=cfg.vae_hard_pixel_weight, bf16=cfg.bf16,
+        seed=derived_seed(cfg.seed, "vae", rnd, hospital.index),
+        start_step=(rnd - 1) * local, total_steps=cfg.vae_rounds * local if cycle else None),
+        optimizer_state=optimizer_state)
+    if cycle:
+        hospital.keep_optimizer_state("vae", rnd, stats["optimizer_state"])
     return vae.state_dict(), {"num-examples": len(images), "loss": stats["loss"], "rec": stats["rec"],
-                              "seconds": stats["seconds"]}
+                              "seconds": stats["seconds"], "fresh-optimizer": int(cycle and rnd > 1 and optimizer_state is None)}
 
 
 def encode_cache(hospital: Hospital, vae_state: State) -> tuple[int, dict]:

@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 
 from fl_unlearn.models.diffusion import NULL_CLASS
-from fl_unlearn.training.common import model_device
+from fl_unlearn.training.common import autocast, model_device
 from fl_unlearn.training.vae import decode_latents
 
 
@@ -52,6 +52,9 @@ class SamplerConfig:
     eta: float = 1.0
     guidance_scale: float = 2.0
     batch_size: int = 100
+    #: bf16 autocast for the UNet's forward passes (2x faster on a bf16-capable CPU); the DDIM update
+    #: itself stays in fp32.
+    bf16: bool = False
 
 
 def image_seeds(base_seed: int, count: int, offset: int = 0) -> np.ndarray:
@@ -74,7 +77,8 @@ def sample_latents(unet: UNet2DModel, scheduler: DDIMScheduler, labels: np.ndarr
         z = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
         scheduler.set_timesteps(config.steps)
         for t in scheduler.timesteps:
-            eps = guided_epsilon(unet, z, t, y, config.guidance_scale)
+            with autocast(config.bf16, device):
+                eps = guided_epsilon(unet, z, t, y, config.guidance_scale).float()
             noise = (torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
                      if config.eta > 0 else None)
             z = scheduler.step(eps, t, z, eta=config.eta, variance_noise=noise).prev_sample

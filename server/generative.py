@@ -92,7 +92,7 @@ def load_generator(run: RunDirectory, unet_checkpoint: str = "unet.safetensors")
 def sampler_config(cfg) -> SamplerConfig:
     """The run's DDIM settings: the original set and every regenerated one use the same."""
     return SamplerConfig(steps=cfg.sample_steps, eta=cfg.sample_eta, guidance_scale=cfg.guidance_scale,
-                         batch_size=cfg.sample_batch_size)
+                         batch_size=cfg.sample_batch_size, bf16=cfg.sample_bf16)
 
 
 def synthetic_labels(count: int) -> np.ndarray:
@@ -122,7 +122,8 @@ def save_synthetic_set(run: RunDirectory, name: str, images: np.ndarray, labels:
     index = pd.DataFrame({"index": np.arange(len(images)), "label": labels, "seed": seeds})
     write_text_atomic(folder / "index.csv", index.to_csv(index=False))
     write_json_atomic(folder / "sampler.json", {"steps": sampler.steps, "eta": sampler.eta,
-                                                "guidance_scale": sampler.guidance_scale, "scheduler": "DDIM"})
+                                                "guidance_scale": sampler.guidance_scale, "scheduler": "DDIM",
+                                                "bf16": sampler.bf16})
     save_png(sample_grid(images, labels), folder / "grid.png", scale=2)
 
 

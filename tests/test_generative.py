@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_unlearn.checkpoint import load_checkpoint, save_checkpoint
+from fl_unlearn.errors import ConfigError
 from fl_unlearn.models.diffusion import (
     NoiseSchedule,
     UNetConfig,
@@ -82,10 +83,11 @@ def test_sampled_latents_keep_the_training_scale_because_clipping_is_off(overfit
     assert float(z.abs().max()) > 1.0  # a clipping sampler would cap at 1
 
 
-def test_the_same_seed_gives_the_identical_image_whatever_the_batch(overfit_unet):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_same_seed_gives_the_identical_image_whatever_the_batch(overfit_unet, bf16):
     unet, _, _, _ = overfit_unet
     scheduler = sampling_scheduler(SCHEDULE)
-    cfg = SamplerConfig(steps=5, eta=0.5, guidance_scale=2.0, batch_size=3)
+    cfg = SamplerConfig(steps=5, eta=0.5, guidance_scale=2.0, batch_size=3, bf16=bf16)
     a = sample_latents(unet, scheduler, np.array([0, 1, 1]), np.array([11, 22, 33]), (4, 8, 8), cfg)
     b = sample_latents(unet, scheduler, np.array([1, 0]), np.array([22, 11]), (4, 8, 8), cfg)
     torch.testing.assert_close(a[0], b[1], rtol=0, atol=1e-5)
@@ -105,6 +107,28 @@ def test_vae_trains_encodes_and_decodes_with_the_right_shapes():
     assert z.shape == (8, 4, 8, 8) and z.dtype == np.float32
     np.testing.assert_array_equal(encode_latents(vae, images), z)  # posterior mean: deterministic
     assert decode_latents(vae, z).shape == (8, 32, 32) and reconstruct(vae, images).dtype == np.uint8
+
+
+
+def test_vae_rounds_continue_one_schedule_and_adams_moments():
+    """A second round's call picks up the first's place in the one-cycle schedule and Adam's moments."""
+    from fl_unlearn.training.common import one_cycle
+
+    images = (np.random.default_rng(1).random((8, 32, 32)) * 255).astype(np.uint8)
+    torch.manual_seed(0)
+    vae = build_vae(VAEConfig(channels=(8, 16), latent_channels=4), 32)
+    common = {"batch_size": 4, "lr": 3e-3, "ssim_weight": 0.5, "hard_pixel_weight": 1.0, "total_steps": 6}
+    first = train_vae(vae, images, VAETrainConfig(steps=3, seed=0, **common))
+    assert first["hard"] >= first["rec"]  # the worst 1% of pixels err more than the mean
+    second = train_vae(vae, images, VAETrainConfig(steps=3, seed=1, start_step=3, **common),
+                       optimizer_state=first["optimizer_state"])
+    state = second["optimizer_state"]
+    assert {float(s["step"]) for s in state["state"].values()} == {6.0}  # moments carried over 3 + 3 steps
+    assert state["param_groups"][0]["lr"] == pytest.approx(3e-3 * one_cycle(5, 6))  # the cycle's last step
+    constant = train_vae(vae, images, VAETrainConfig(steps=2, lr=3e-3))["optimizer_state"]
+    assert constant["param_groups"][0]["lr"] == 3e-3
+    with pytest.raises(ConfigError, match="fit in the schedule"):
+        train_vae(vae, images, VAETrainConfig(steps=3, start_step=4, total_steps=6))
 
 
 def test_latent_stats_from_hospital_moments_equal_the_pooled_statistics():
@@ -256,7 +280,6 @@ def test_resume_with_changed_later_settings_reruns_from_the_phase_they_affect(fi
 
 
 def test_resume_from_a_run_of_another_config_is_refused(finished_run):
-    from fl_unlearn.errors import ConfigError
 
     with pytest.raises(ConfigError, match="another configuration.*phantom-patients.*start a new run"):
         run_server(finished_run.replace(resume_from=str(finished_run.run_dir),

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from fl_unlearn.training.common import autocast, batch_indices, model_device, to_tensor, to_uint8
+from fl_unlearn.errors import ConfigError
+from fl_unlearn.training.common import autocast, batch_indices, model_device, one_cycle, to_tensor, to_uint8
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,15 @@ class VAETrainConfig:
     lr: float = 1e-3
     kl_weight: float = 1e-6  # Medfusion's embedding_loss_weight
     ssim_weight: float = 0.0
+    #: Weight of the mean of each image's largest 1% pixel errors: the autoencoder's L1 is spent on the
+    #: large smooth areas, and 1-2 px granulomas (a few pixels of 4,096) are what it gives up first.
+    hard_pixel_weight: float = 0.0
     bf16: bool = False
     seed: int = 0
+    #: With ``total_steps``, these steps are steps ``start_step …`` of one one-cycle schedule over all
+    #: FedAvg rounds (as for the re-identification networks); without, the learning rate is constant.
+    start_step: int = 0
+    total_steps: int | None = None
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
@@ -38,10 +46,15 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, config: VAETrainConfig, genera
     posterior = vae.encode(x).latent_dist
     z = posterior.sample(generator=generator)
     recon = vae.decode(z).sample
-    rec = F.l1_loss(recon.float(), x)
+    error = (recon.float() - x).abs().flatten(1)
+    rec = error.mean()
     kl = posterior.kl().mean()
     loss = rec + config.kl_weight * kl
     parts = {"rec": rec, "kl": kl}
+    if config.hard_pixel_weight > 0:
+        hard = error.topk(max(1, error.shape[1] // 100), dim=1).values.mean()
+        loss = loss + config.hard_pixel_weight * hard
+        parts["hard"] = hard
     if config.ssim_weight > 0:
         s = ssim(recon.float(), x)
         loss = loss + config.ssim_weight * (1 - s)
@@ -50,16 +63,26 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, config: VAETrainConfig, genera
     return parts
 
 
-def train_vae(vae: AutoencoderKL, images: np.ndarray, config: VAETrainConfig) -> dict:
-    """Train ``vae`` in place for ``config.steps`` steps on uint8 images [N,H,W]; returns mean losses."""
+def train_vae(vae: AutoencoderKL, images: np.ndarray, config: VAETrainConfig,
+              optimizer_state: dict | None = None) -> dict:
+    """Train ``vae`` in place for ``config.steps`` steps on uint8 images [N,H,W]; returns mean losses
+    and AdamW's ``optimizer_state`` (pass it back to continue the moments, e.g. in the next round)."""
+    total = config.total_steps
+    if total is not None and not 0 <= config.start_step <= total - config.steps:
+        raise ConfigError(f"VAE steps must fit in the schedule: steps {config.steps}, start {config.start_step}, "
+                          f"total {total}")
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     data, device = to_tensor(images), model_device(vae)
     vae.train()
     totals: dict[str, float] = {}
     start = time.perf_counter()
-    for idx in batch_indices(len(data), config.batch_size, config.steps, rng):
+    for step, idx in enumerate(batch_indices(len(data), config.batch_size, config.steps, rng)):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * (one_cycle(config.start_step + step, total) if total is not None else 1.0)
         with autocast(config.bf16, device):
             parts = vae_loss(vae, data[idx].to(device), config, gen)
         optimizer.zero_grad(set_to_none=True)
@@ -69,7 +92,8 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config: VAETrainConfig) ->
             totals[k] = totals.get(k, 0.0) + float(v.detach())
     vae.eval()
     stats = {k: v / max(config.steps, 1) for k, v in totals.items()}
-    stats.update(seconds=time.perf_counter() - start, examples=len(data), steps=config.steps)
+    stats.update(seconds=time.perf_counter() - start, examples=len(data), steps=config.steps,
+                 optimizer_state=optimizer.state_dict())
     return stats
 
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from fl_unlearn.errors import DataError
-from fl_unlearn.training.common import model_device
+from fl_unlearn.training.common import autocast, model_device
 from fl_unlearn.training.ldm import diffusion_loss
 from fl_unlearn.unlearning.methods import Batch, UnlearnConfig, get_method
 
@@ -73,7 +73,8 @@ def unlearn(unet: UNet2DModel, theta0: UNet2DModel, scheduler: DDPMScheduler, me
         if ri is not None:
             remain_batch = (z_r[ri].to(device), y_r[ri].to(device))
         optimizer.zero_grad(set_to_none=True)
-        parts = objective(unet, theta0, scheduler, forget_batch, remain_batch, gen, config)
+        with autocast(config.bf16, device):
+            parts = objective(unet, theta0, scheduler, forget_batch, remain_batch, gen, config)
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
         if mask is not None:
             for name, p in params.items():

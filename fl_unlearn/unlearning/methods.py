@@ -34,6 +34,7 @@ class UnlearnConfig:
     siss_lambda: float = 0.5  # SISS mixture weight λ
     siss_scaling_norm: float = 0.1  # SISS: the forget gradient is rescaled to this norm
     saliency_fraction: float = 0.5  # SalUn: share of weights that may change
+    bf16: bool = False  # bf16 autocast for the UNet passes, as the LDM was trained (1.4x faster on this CPU)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
