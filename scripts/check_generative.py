@@ -106,17 +106,23 @@ def main() -> None:
 
 
 def grid_studies(config: RunConfig, rows: pd.DataFrame, n: int = 8) -> np.ndarray:
-    """Positions of up to ``n`` studies for the reconstruction grid: on the phantom, those showing a
-    device or granulomas first (half each, where there are enough), so the grid shows the small marks."""
+    """Positions of up to ``n`` studies for the reconstruction grid: on the phantom, one study of each
+    patient with a device, then of each with granulomas, then the rest, so the grid shows the small marks."""
     if config.data_source != "phantom":
         return np.arange(min(n, len(rows)))
     phantom = phantom_config(config)
+    patients = rows["patient"].to_numpy()
     granulomas = np.array([bool(render_pair(phantom, int(p.lstrip("P")), int(v), "granulomas"))
-                           for p, v in zip(rows["patient"], rows["visit"], strict=True)])
+                           for p, v in zip(patients, rows["visit"], strict=True)])
     device = (rows["device"] != "none").to_numpy()
-    first = [*np.flatnonzero(device)[: n // 2], *np.flatnonzero(granulomas & ~device)[: n // 2]]
-    rest = [i for i in range(len(rows)) if i not in first]
-    return np.array((first + rest)[:n])
+    chosen: list[int] = []
+    for wanted in (device, granulomas & ~device, np.ones(len(rows), dtype=bool)):
+        shown = {patients[i] for i in chosen}
+        for i in np.flatnonzero(wanted):
+            if len(chosen) < n and patients[i] not in shown:
+                chosen.append(int(i))
+                shown.add(patients[i])
+    return np.array(chosen)
 
 
 def identity_through_vae(config: RunConfig, train_images, train_patients, held, recon, held_patients,
