@@ -27,13 +27,21 @@ from fl_unlearn.training.ldm import noise_batch
 from fl_unlearn.training.vae import VAETrainConfig, vae_loss
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+def matmul_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), trials: int = 5) -> float:
+    """The machine's attainable matmul rate: the best of ``trials`` timed runs at each size, after a warm-up,
+    so that the reference the training steps are divided by is a peak, not one run's noise."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        repeats = max(2, int(4e10 // (2 * n**3)))  # about 40 GFLOP per trial
+        for _ in range(2):
+            a @ b
+        for _ in range(trials):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def time_step(step, steps: int) -> tuple[float, float]:
