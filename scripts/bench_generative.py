@@ -122,7 +122,7 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         return
     mm = results["matmul_gflops"]
-    print(f"matmul 1024²: fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s  "
+    print(f"matmul (best of 1024², 2048²): fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} GFLOP/s  "
           f"({args.threads} threads, torch {torch.__version__})")
     print(f"params: VAE {results['params']['vae'] / 1e6:.2f} M, UNet {results['params']['unet'] / 1e6:.2f} M")
     print(f"{'step':<10}{'batch':>6}{'s/step':>9}{'img/s':>9}{'GFLOP':>8}{'GFLOP/s':>9}{'of matmul':>11}")
