@@ -102,15 +102,16 @@ def audit_scaling(sizes: list[int], queries: int, embed_images: int) -> dict:
     per_image = (time.perf_counter() - start) / embed_images
     rng = np.random.default_rng(1)
     q = rng.standard_normal((queries, 128)).astype(np.float32)
-    rows = []
+    rows, times = [], []
     for n in sizes:
         ref = rng.standard_normal((n, 128)).astype(np.float32)
         start = time.perf_counter()
         nearest_neighbours(q, ref, k=3)
         search = time.perf_counter() - start
-        rows.append({"real": n, "search_s": round(search, 3), "embedding_s": round(per_image * n, 2),
+        times.append(search)  # unrounded: a small search rounds to 0.000 s
+        rows.append({"real": n, "search_s": round(search, 4), "embedding_s": round(per_image * n, 2),
                      "search_over_embedding": round(search / (per_image * n), 4)})
-    growth = [b["search_s"] / a["search_s"] / (b["real"] / a["real"]) for a, b in itertools.pairwise(rows)]
+    growth = [tb / ta / (b / a) for (a, ta), (b, tb) in itertools.pairwise(zip(sizes, times, strict=True))]
     return {"queries": queries, "embedding_s_per_image": round(per_image, 5), "rows": rows,
             "growth_over_linear": [round(g, 2) for g in growth]}
 
