@@ -11,6 +11,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from flwr.app import ConfigRecord
 
 from clients.generative import local_vae
@@ -25,12 +26,12 @@ State = dict[str, torch.Tensor]
 CHECKPOINT = "reid.safetensors"
 
 
-def _degrade(hospital: Hospital, images: np.ndarray) -> Precomputed:
+def _degrade(vae: AutoencoderKL, images: np.ndarray) -> Precomputed:
     """The global autoencoder's reconstruction of ``images``, computed once (it is fixed in this phase)."""
-    return Precomputed(partial(reconstruct, local_vae(hospital)), images)
+    return Precomputed(partial(reconstruct, vae), images)
 
 
-def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: int,
+def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: int, vae: AutoencoderKL,
                 start_step: int = 0, total_steps: int | None = None,
                 optimizer_state: dict | None = None) -> tuple[ReIDNetworks, dict, dict]:
     """``steps`` local steps of both networks from ``state`` (None: fresh networks seeded per hospital).
@@ -44,7 +45,7 @@ def train_local(hospital: Hospital, state: State | None, *, steps: int, round_: 
     rows = hospital.split.train
     images = hospital.cohort.load_images(rows)
     stats = train_reid(nets, images, rows["patient"].to_numpy(), steps=steps,
-                       batch_size=cfg.reid_batch_size, lr=cfg.reid_lr, seed=seed, degrade=_degrade(hospital, images),
+                       batch_size=cfg.reid_batch_size, lr=cfg.reid_lr, seed=seed, degrade=_degrade(vae, images),
                        start_step=start_step, total_steps=total_steps, optimizer_state=optimizer_state)
     optimizer = stats.pop("optimizer_state")
     return nets, {"num-examples": len(rows), "loss": stats["retrieval_loss"] + stats["verification_loss"],
@@ -63,7 +64,7 @@ def reid_round(hospital: Hospital, state: State, config: ConfigRecord) -> tuple[
     rnd, local = int(config["round"]), cfg.reid_local_steps
     optimizer_state = hospital.optimizer_state("reid", rnd - 1)
     nets, metrics, optimizer = train_local(
-        hospital, state, steps=local, round_=rnd, start_step=(rnd - 1) * local,
+        hospital, state, steps=local, round_=rnd, vae=local_vae(hospital), start_step=(rnd - 1) * local,
         total_steps=cfg.reid_rounds * local, optimizer_state=optimizer_state)
     hospital.keep_optimizer_state("reid", rnd, optimizer)
     return nets.state_dict(), {**metrics, "fresh-optimizer": int(rnd > 1 and optimizer_state is None)}
@@ -75,8 +76,9 @@ def keep_and_evaluate(hospital: Hospital, state: State | None) -> dict:
     ``state`` is the final global model (federated), or None to train local-only networks here.
     """
     cfg = hospital.config
+    vae = local_vae(hospital)
     if state is None:
-        nets, _, _ = train_local(hospital, None, steps=cfg.reid_rounds * cfg.reid_local_steps, round_=0)
+        nets, _, _ = train_local(hospital, None, steps=cfg.reid_rounds * cfg.reid_local_steps, round_=0, vae=vae)
     else:
         nets = hospital.load(ReIDNetworks(cfg.reid), state)
     save_checkpoint(hospital.work_dir / CHECKPOINT, nets.state_dict(),
@@ -86,7 +88,7 @@ def keep_and_evaluate(hospital: Hospital, state: State | None) -> dict:
     images = hospital.cohort.load_images(holdout)
     result = evaluate_reid(nets.eval(), images, holdout["patient"].to_numpy(),
                            pairs=cfg.reid_eval_pairs, seed=derived_seed(cfg.seed, "reid-eval", hospital.index),
-                           degrade=_degrade(hospital, images))
+                           degrade=_degrade(vae, images))
     result.update({"holdout-patients": int(holdout["patient"].nunique()), "holdout-images": len(holdout)})
     return result
 

@@ -35,7 +35,7 @@ from fl_unlearn.checkpoint import load_checkpoint
 from fl_unlearn.config import RunConfig
 from fl_unlearn.data.inspect import save_png
 from fl_unlearn.data.sources import hospital_split, load_federation, phantom_config
-from fl_unlearn.evaluation.marks import MARKS, mark_retention, render_pair
+from fl_unlearn.evaluation.marks import MARKS, mark_retention, shows_mark
 from fl_unlearn.evaluation.metrics import auc_with_ci
 from fl_unlearn.io import write_json_atomic
 from fl_unlearn.models.classifier import build_classifier
@@ -112,9 +112,9 @@ def grid_studies(config: RunConfig, rows: pd.DataFrame, n: int = 8) -> np.ndarra
         return np.arange(min(n, len(rows)))
     phantom = phantom_config(config)
     patients = rows["patient"].to_numpy()
-    granulomas = np.array([bool(render_pair(phantom, int(p.lstrip("P")), int(v), "granulomas"))
-                           for p, v in zip(patients, rows["visit"], strict=True)])
-    device = (rows["device"] != "none").to_numpy()
+    studies = list(zip(patients, rows["visit"], strict=True))
+    granulomas, device = (np.array([shows_mark(phantom, int(p.lstrip("P")), int(v), mark) for p, v in studies])
+                          for mark in ("granulomas", "device"))
     chosen: list[int] = []
     for wanted in (device, granulomas & ~device, np.ones(len(rows), dtype=bool)):
         shown = {patients[i] for i in chosen}

@@ -22,20 +22,28 @@ from fl_unlearn.errors import DataError
 MARKS = ("granulomas", "device")
 
 
-def render_pair(phantom: PhantomConfig, patient_index: int, visit: int, mark: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(image, the same image without ``mark``) of one study, or None when that study shows no such mark."""
+def _study(phantom: PhantomConfig, patient_index: int, visit: int, mark: str):
+    """(anatomy, visit) of one study and the same pair without ``mark``, or None when it shows no such mark."""
     if mark not in MARKS:
         raise DataError(f"unknown mark {mark!r}; choose from {', '.join(MARKS)}")
     anatomy = patient_anatomy(patient_index, phantom.seed, phantom.prevalence)
     params = visit_params(anatomy, visit)
     if mark == "granulomas":
-        if not anatomy.granulomas:
-            return None
-        bare_anatomy, bare_params = dataclasses.replace(anatomy, granulomas=()), params
-    else:
-        if not params.device_visible:
-            return None
-        bare_anatomy, bare_params = anatomy, dataclasses.replace(params, device_visible=False)
+        return (anatomy, params, dataclasses.replace(anatomy, granulomas=()), params) if anatomy.granulomas else None
+    return (anatomy, params, anatomy, dataclasses.replace(params, device_visible=False)) if params.device_visible else None
+
+
+def shows_mark(phantom: PhantomConfig, patient_index: int, visit: int, mark: str) -> bool:
+    """Whether the study carries ``mark`` (from its parameters, without rendering)."""
+    return _study(phantom, patient_index, visit, mark) is not None
+
+
+def render_pair(phantom: PhantomConfig, patient_index: int, visit: int, mark: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(image, the same image without ``mark``) of one study, or None when that study shows no such mark."""
+    study = _study(phantom, patient_index, visit, mark)
+    if study is None:
+        return None
+    anatomy, params, bare_anatomy, bare_params = study
     size, scale = phantom.image_size, phantom.render_scale
     return render_image(anatomy, params, size, scale), render_image(bare_anatomy, bare_params, size, scale)
 

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from fl_unlearn.errors import ConfigError
+
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model`` lives; every loop moves its batches there (random numbers stay on the CPU, so a
@@ -50,6 +52,15 @@ def one_cycle(step: int, total: int, *, pct_start: float = 0.15, div: float = 25
     if step <= warm:
         return cos(1 / div, 1.0, step / warm) if warm > 0 else 1.0
     return cos(1.0, 1 / (div * final_div), (step - warm) / max(total - 1 - warm, 1e-12))
+
+
+def cycle_lrs(lr: float, steps: int, start_step: int = 0, total_steps: int | None = None) -> list[float]:
+    """The learning rate of each of ``steps`` steps that are steps ``start_step …`` of one one-cycle
+    schedule over ``total_steps`` (default: these steps alone), as FedAvg rounds continue it."""
+    total = steps if total_steps is None else total_steps
+    if steps < 1 or not 0 <= start_step <= total - steps:
+        raise ConfigError(f"steps must be >= 1 and fit in the schedule: steps {steps}, start {start_step}, total {total}")
+    return [lr * one_cycle(start_step + i, total) for i in range(steps)]
 
 
 def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:

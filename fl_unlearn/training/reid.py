@@ -19,7 +19,7 @@ from torch import nn
 
 from fl_unlearn.errors import ConfigError, DataError
 from fl_unlearn.models.reid import ReIDNetworks, RetrievalNet, VerificationNet, to_input
-from fl_unlearn.training.common import model_device, one_cycle
+from fl_unlearn.training.common import cycle_lrs, model_device
 
 #: Share of the verification negatives' loss on the hardest impostors. Phantom, 64 px, 200 training
 #: patients: unseen patients' nearest-neighbour audits flagged at 0.5 fell from 1% (share 0.5) to 0.3%.
@@ -170,9 +170,7 @@ def _fit(model: nn.Module, *, steps: int, lr: float, seed: int, batch_loss: Call
     ``start_step``/``total_steps`` place these steps inside a longer schedule and ``optimizer_state``
     continues Adam's moments from an earlier call (a hospital's previous FedAvg round).
     """
-    total = steps if total_steps is None else total_steps
-    if steps < 1 or not 0 <= start_step <= total - steps:
-        raise ConfigError(f"steps must be >= 1 and fit in the schedule: steps {steps}, start {start_step}, total {total}")
+    lrs = cycle_lrs(lr, steps, start_step, total_steps)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     if optimizer_state is not None:
         optimiser.load_state_dict(optimizer_state)
@@ -183,7 +181,7 @@ def _fit(model: nn.Module, *, steps: int, lr: float, seed: int, batch_loss: Call
     with _seeded(seed, model_device(model)):
         for i in range(steps):
             for group in optimiser.param_groups:
-                group["lr"] = lr * one_cycle(start_step + i, total)
+                group["lr"] = lrs[i]
             loss = batch_loss()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

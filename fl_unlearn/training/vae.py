@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from fl_unlearn.errors import ConfigError
-from fl_unlearn.training.common import autocast, batch_indices, model_device, one_cycle, to_tensor, to_uint8
+from fl_unlearn.training.common import autocast, batch_indices, cycle_lrs, model_device, to_tensor, to_uint8
 
 
 @dataclass(frozen=True)
@@ -67,10 +66,8 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config: VAETrainConfig,
               optimizer_state: dict | None = None) -> dict:
     """Train ``vae`` in place for ``config.steps`` steps on uint8 images [N,H,W]; returns mean losses
     and AdamW's ``optimizer_state`` (pass it back to continue the moments, e.g. in the next round)."""
-    total = config.total_steps
-    if total is not None and not 0 <= config.start_step <= total - config.steps:
-        raise ConfigError(f"VAE steps must fit in the schedule: steps {config.steps}, start {config.start_step}, "
-                          f"total {total}")
+    lrs = (cycle_lrs(config.lr, config.steps, config.start_step, config.total_steps)
+           if config.total_steps is not None else [config.lr] * config.steps)
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
@@ -82,7 +79,7 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, config: VAETrainConfig,
     start = time.perf_counter()
     for step, idx in enumerate(batch_indices(len(data), config.batch_size, config.steps, rng)):
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * (one_cycle(config.start_step + step, total) if total is not None else 1.0)
+            group["lr"] = lrs[step]
         with autocast(config.bf16, device):
             parts = vae_loss(vae, data[idx].to(device), config, gen)
         optimizer.zero_grad(set_to_none=True)
